@@ -1,0 +1,219 @@
+"""A set of method adapters over a model's target modules, and the native adapter format.
+
+Native format (a directory; names chosen so that no tool mistakes it for a PEFT adapter):
+
+- ``svd_adapter.json``: format version, svd-serve version, method, options, targets and their
+  shapes, architecture, base fingerprint;
+- ``svd_adapter.safetensors``: every tensor of every layer, ``<module>.<tensor>`` — trainable ones and
+  the frozen factors exact export needs (KaSA's dropped components, residual methods' A0/B0, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import SvdServeError
+from .io import atomic_dir
+from .linalg import LowRank, compress
+from .methods import Adapter, get_method
+from .model import AdaptedLinear, attach, detach, fingerprint
+
+CONFIG_NAME = "svd_adapter.json"
+WEIGHTS_NAME = "svd_adapter.safetensors"
+FORMAT = "svd-serve-adapter"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    method: str
+    options: dict
+    targets: dict[str, list[int]]  # module name -> [out, in]
+    target_spec: str
+    architecture: str
+    base_fingerprint: str
+    base_model: str = ""
+    dtype: str = "float32"
+    svd_serve_version: str = __version__
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+
+def make_options(method: str, rank: int | None = None, alpha: float | None = None, **extra):
+    """The method's options dataclass from CLI-style values (None = the method's default)."""
+    cls = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    kwargs = {k: v for k, v in extra.items() if v is not None}
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise SvdServeError(f"method {method} has no option {', '.join(unknown)}; "
+                            f"its options: {', '.join(fields)}")
+    if rank is not None:
+        kwargs["rank"] = rank
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    return cls.Options(**kwargs)
+
+
+def parse_option_values(method: str, pairs: list[str]) -> dict:
+    """``["beta=1e-3", "freeze_a=true"]`` → typed values for the method's options dataclass."""
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).Options)}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise SvdServeError(f"bad option {pair!r} for {method}; expected KEY=VALUE with KEY in: "
+                                f"{', '.join(fields)}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                value = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif raw.strip().lower() == "none":
+                value = None
+            elif isinstance(default, int) or key in ("rank", "niter"):
+                value = int(raw)
+            else:
+                value = float(raw)
+        except ValueError:
+            raise SvdServeError(f"bad value {raw!r} for option {key} of {method}") from None
+        out[key] = value
+    return out
+
+
+class AdapterSet(nn.Module):
+    """One method adapter per target module. ``attach`` wraps the modules of a model with them."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        cls = get_method(config.method)
+        opts = cls.Options(**config.options)
+        self.method: type[Adapter] = cls
+        self.layers = nn.ModuleDict({
+            _key(name): cls(m, n, opts) for name, (m, n) in config.targets.items()})
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, model: nn.Module, method: str, opts, targets: list[str], target_spec: str = "",
+               covariances: dict[str, Tensor] | None = None, base_model: str = "",
+               progress: bool = True) -> "AdapterSet":
+        method_cls = get_method(method)
+        if method_cls.needs_calibration and not covariances:
+            raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
+        shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
+        config = AdapterConfig(
+            method=method, options=dataclasses.asdict(opts), targets=shapes, target_spec=target_spec,
+            architecture=type(model).__name__, base_fingerprint=fingerprint(model, targets),
+            base_model=base_model)
+        try:
+            self = cls(config)
+        except SvdServeError as e:
+            raise SvdServeError(f"{e} (module {targets[0]} and others)") from None
+        names = tqdm(targets, desc=f"init {method}", disable=not progress or len(targets) < 8,
+                     leave=False)
+        for name in names:
+            weight = model.get_submodule(name).weight.detach().float()
+            cov = covariances.get(name) if covariances else None
+            self.layers[_key(name)].init(weight, cov)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> "AdapterSet":
+        path = Path(path)
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.is_file():
+            hint = " (it looks like a PEFT adapter: use `svd-serve import`)" if (
+                path / "adapter_config.json").is_file() else ""
+            raise SvdServeError(f"{path} is not an svd-serve adapter: no {CONFIG_NAME}{hint}")
+        try:
+            raw = json.loads(cfg_file.read_text())
+            config = AdapterConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SvdServeError(f"{cfg_file} is corrupt: {e}") from None
+        if config.format != FORMAT or config.format_version > FORMAT_VERSION:
+            raise SvdServeError(f"{cfg_file}: unsupported format {config.format} v{config.format_version}")
+        self = cls(config)
+        try:
+            tensors = load_file(path / WEIGHTS_NAME)
+        except Exception as e:  # safetensors raises several types for truncated/corrupt files
+            raise SvdServeError(f"cannot read {path / WEIGHTS_NAME}: {str(e).splitlines()[0]}") from None
+        state = {_key(k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v for k, v in tensors.items()}
+        try:
+            self.layers.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise SvdServeError(f"{path}: tensors do not match its config: {str(e).splitlines()[0]}") from None
+        if model is not None:
+            self.check_base(model)
+        return self
+
+    def check_base(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for name, shape in self.config.targets.items():
+            mod = modules.get(name)
+            if mod is None:
+                raise SvdServeError(f"adapter module {name} does not exist in this base model")
+            if list(mod.weight.shape) != list(shape):
+                raise SvdServeError(f"adapter module {name} has shape {shape}, the base has "
+                                    f"{list(mod.weight.shape)}: the adapter belongs to another base")
+        fp = fingerprint(model, list(self.config.targets))
+        if fp != self.config.base_fingerprint:
+            raise SvdServeError(f"the adapter was initialised from a different base (fingerprint "
+                                f"{self.config.base_fingerprint} != {fp} of this base)")
+
+    # --- use ---------------------------------------------------------------------------------------
+    def items(self):
+        for key, layer in self.layers.items():
+            yield _name(key), layer
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        attach(model, dict(self.items()))
+        return model
+
+    @staticmethod
+    def detach(model: nn.Module) -> nn.Module:
+        detach(model)
+        return model
+
+    def regularizer(self) -> Tensor | None:
+        """Mean over layers of each layer's weighted regularizer (None if the method has none)."""
+        terms = [r for _, layer in self.items() if (r := layer.regularizer()) is not None]
+        return torch.stack(terms).mean() if terms else None
+
+    def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
+        """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""
+        return {name: compress(*layer.delta(), max_rank=max_rank) for name, layer in self.items()}
+
+    @torch.no_grad()
+    def fold_into(self, model: nn.Module) -> None:
+        """``W ← W + ΔW`` in the weight's dtype (computed in float32)."""
+        for name, layer in self.items():
+            mod = model.get_submodule(name)
+            w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight
+            a, b = layer.delta()
+            w.copy_((w.float() + b.to(w.device) @ a.to(w.device)).to(w.dtype))
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()
+                   for name, layer in self.items() for k, v in layer.state_dict().items()}
+        with atomic_dir(path) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        return Path(path)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _name(key: str) -> str:
+    return key.replace("__", ".")

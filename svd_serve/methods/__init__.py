@@ -1,0 +1,44 @@
+"""The method registry: adding a method is one file in this folder plus one line below."""
+
+from __future__ import annotations
+
+from ..errors import SvdServeError
+from .base import Adapter, Options
+from .corda import CorDAIPA, CorDAKPA
+from .kasa import KaSA
+from .kore import KORE
+from .lora import LoRA
+from .milora import MiLoRA
+from .olora import OLoRA
+from .pissa import PiSSA
+from .salt import SALT
+from .soma import SoMA
+from .sorsa import SORSA
+from .svf import SVF
+from .svfit import SVFit
+
+METHODS: dict[str, type[Adapter]] = {
+    "lora": LoRA,
+    "pissa": PiSSA,
+    "milora": MiLoRA,
+    "olora": OLoRA,
+    "kasa": KaSA,
+    "corda-ipa": CorDAIPA,
+    "corda-kpa": CorDAKPA,
+    "sorsa": SORSA,
+    "svfit": SVFit,
+    "svf": SVF,
+    "salt": SALT,
+    "soma": SoMA,
+    "kore": KORE,
+}
+
+
+def get_method(name: str) -> type[Adapter]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SvdServeError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Adapter", "Options", "get_method"]

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import torch
+
+from .residual import Residual
+
+
+class OLoRA(Residual):
+    """QR init: ``Q, R = qr(W)``, ``B0 = Q[:, :r]``, ``A0 = R[:r]``, base ← W − s·B0 A0."""
+
+    name = "olora"
+    paper = "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models (Büyükakyüz, 2024, arXiv:2406.01775)"
+
+    def components(self, weight, cov):
+        q, r = torch.linalg.qr(weight)
+        return q[:, : self.opts.rank], r[: self.opts.rank]

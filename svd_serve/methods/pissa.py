@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..linalg import top_svd
+from .base import Options
+from .residual import Residual, split_sqrt
+
+
+@dataclass
+class PiSSAOptions(Options):
+    niter: int | None = None
+    """None: exact SVD. An integer: randomized SVD with that many power iterations (fast init)."""
+
+
+class PiSSA(Residual):
+    """Principal components: ``B0 A0`` = top-r SVD of W (scaled by 1/s), base ← W − s·B0 A0."""
+
+    name = "pissa"
+    paper = "PiSSA: Principal Singular Values and Singular Vectors Adaptation (Meng et al., 2024, arXiv:2404.02948)"
+    Options = PiSSAOptions
+
+    def components(self, weight, cov):
+        u, s, vh = top_svd(weight, self.opts.rank, self.opts.niter)
+        return split_sqrt(u, s, vh, self.scale)

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Options
+from .milora import MiLoRA
+
+
+@dataclass
+class SoMAOptions(Options):
+    rank: int = 16
+    alpha: float | None = 16.0
+
+
+class SoMA(MiLoRA):
+    """MiLoRA-style minor-component init with SoMA's defaults (r = α = 16).
+
+    The SoMA reference code's default ``niter`` path takes the TOP components through
+    ``svd_lowrank``; svd-serve always takes the minor ones, as the paper describes.
+    """
+
+    name = "soma"
+    paper = "SoMA: Singular Value Decomposed Minor Components Adaptation (github ysj9909/SoMA)"
+    Options = SoMAOptions
+    alpha_per_rank = 1.0

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..linalg import top_svd
+from .base import Adapter, Factors, Options
+
+
+@dataclass
+class SVFitOptions(Options):
+    niter: int | None = None
+
+
+class SVFit(Adapter):
+    """Train only the r largest singular values: ``W = U_r diag(σ) V_rᵀ + W_e``, σ trainable,
+    ``ΔW = U_r diag(σ − σ0) V_rᵀ``, rank ≤ r. Follows the paper; no public code was found."""
+
+    name = "svfit"
+    paper = "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values (Sun et al., 2024, arXiv:2409.05926)"
+    Options = SVFitOptions
+
+    def svd_rank(self) -> int:
+        return self.opts.rank
+
+    def build(self) -> None:
+        r = self.svd_rank()
+        self.sigma = nn.Parameter(torch.zeros(r))
+        self.register_buffer("sigma0", torch.zeros(r))
+        self.register_buffer("U", torch.zeros(self.m, r))
+        self.register_buffer("Vh", torch.zeros(r, self.n))
+
+    @torch.no_grad()
+    def init(self, weight, cov=None) -> None:
+        u, s, vh = top_svd(weight, self.svd_rank(), getattr(self.opts, "niter", None))
+        self.U.copy_(u)
+        self.Vh.copy_(vh)
+        self.sigma.copy_(s)
+        self.sigma0.copy_(s)
+
+    def trainable_factors(self) -> Factors:
+        return self.Vh, self.U * (self.sigma - self.sigma0)
+
+    def rank_bound(self) -> int:
+        return self.svd_rank()

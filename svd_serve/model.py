@@ -1,0 +1,136 @@
+"""Loading HF causal LMs, choosing target modules, wrapping them, fingerprinting the base."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SvdServeError
+
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def check_base_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise SvdServeError(f"base model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise SvdServeError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
+        raise SvdServeError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    return path
+
+
+def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_base_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_targets(model: nn.Module, spec: str) -> list[str]:
+    """Module names from ``spec``: ``all-linear`` (every Linear but the output head), a comma list of
+    name suffixes (``q_proj,v_proj``), or a regex matched against full module names."""
+    modules = dict(model.named_modules())
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if spec == "all-linear":
+        names = [n for n in linear_names(model) if modules[n] is not out_emb]
+    elif set(spec) & _REGEX_CHARS:
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise SvdServeError(f"bad --targets regex {spec!r}: {e}") from None
+        names = [n for n in modules if n and pattern.fullmatch(n)]
+    else:
+        suffixes = [s.strip() for s in spec.split(",") if s.strip()]
+        names = [n for n in modules if any(n == s or n.endswith("." + s) for s in suffixes)]
+        missing = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+        if missing:
+            raise SvdServeError(f"--targets {','.join(missing)} matches no module of {type(model).__name__}")
+    if not names:
+        raise SvdServeError(f"--targets {spec!r} matches no module of {type(model).__name__}")
+    for n in names:
+        if not isinstance(modules[n], nn.Linear):
+            raise SvdServeError(f"module {n} is a {type(modules[n]).__name__}, not nn.Linear; "
+                                "svd-serve adapts Linear layers only")
+        if modules[n] is out_emb:
+            raise SvdServeError(f"module {n} is the output head; adapting it is not supported")
+    return names
+
+
+class AdaptedLinear(nn.Module):
+    """``base(x) + adapter(x)``; the base Linear is left untouched."""
+
+    def __init__(self, base: nn.Linear, adapter: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.adapter(x)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def attach(model: nn.Module, adapters: dict[str, nn.Module]) -> None:
+    for name, adapter in adapters.items():
+        base = model.get_submodule(name)
+        if isinstance(base, AdaptedLinear):
+            raise SvdServeError(f"module {name} already carries an adapter")
+        set_module(model, name, AdaptedLinear(base, adapter))
+
+
+def detach(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLinear):
+            set_module(model, name, module.base)
+
+
+def fingerprint(model: nn.Module, names: list[str]) -> str:
+    """A digest of the named modules' base weights: names, shapes and a strided sample of up to
+    16384 values per weight, rounded to bfloat16 so that the same checkpoint loaded in float32 or
+    bfloat16 gives the same digest. Any fine-tune, truncation or re-init of the base changes it,
+    and it costs milliseconds on a 7B model."""
+    h = hashlib.sha256()
+    modules = dict(model.named_modules())
+    for name in sorted(names):
+        mod = modules[name]
+        w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
+        flat = w.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 16384)].to(torch.bfloat16).float().cpu()
+        h.update(f"{name}:{tuple(w.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
