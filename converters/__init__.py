@@ -44,6 +44,8 @@ class ExportJob:
 # target name -> "module:function"; modules are imported only when their target is used
 TARGETS: dict[str, str] = {
     "peft": "svd_serve.converters.peft:export",
+    "vllm": "svd_serve.converters.vllm:export",
+    "onnx": "svd_serve.converters.onnx:export",
 }
 
 

@@ -99,8 +99,12 @@ class AdapterSet(nn.Module):
         cls = get_method(config.method)
         opts = cls.Options(**config.options)
         self.method: type[Adapter] = cls
-        self.layers = nn.ModuleDict({
-            _key(name): cls(m, n, opts) for name, (m, n) in config.targets.items()})
+        self.layers = nn.ModuleDict()
+        for name, (m, n) in config.targets.items():
+            try:
+                self.layers[_key(name)] = cls(m, n, opts)
+            except SvdServeError as e:
+                raise SvdServeError(f"{e} (module {name})") from None
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -115,10 +119,7 @@ class AdapterSet(nn.Module):
             method=method, options=dataclasses.asdict(opts), targets=shapes, target_spec=target_spec,
             architecture=type(model).__name__, base_fingerprint=fingerprint(model, targets),
             base_model=base_model)
-        try:
-            self = cls(config)
-        except SvdServeError as e:
-            raise SvdServeError(f"{e} (module {targets[0]} and others)") from None
+        self = cls(config)
         names = tqdm(targets, desc=f"init {method}", disable=not progress or len(targets) < 8,
                      leave=False)
         for name in names:

@@ -10,6 +10,7 @@ import click
 
 from .errors import SvdServeError
 from .methods import METHODS
+from .merge import METHODS as MERGE_METHODS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -25,36 +26,62 @@ def methods_cmd():
         click.echo(f"{name:10s} {cls.paper}")
 
 
-@cli.command()
-@click.option("--base", required=True, type=click.Path(), help="Hugging Face model directory.")
-@click.option("--data", required=True, type=click.Path(), help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.')
-@click.option("--method", default="kasa", show_default=True, type=click.Choice(list(METHODS)))
+@cli.command(context_settings={"show_default": True})
+@click.option("--config", "config_file", type=click.Path(), help="run.yaml or JSON with any of these options; flags override it.")
+@click.option("--base", type=click.Path(), help="Hugging Face model directory.  [required]")
+@click.option("--data", type=click.Path(), help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required]')
+@click.option("--out", type=click.Path(), help="Output directory: the adapter, metrics.jsonl, loss.png, checkpoints/.  [required]")
+@click.option("--method", default="kasa", type=click.Choice(list(METHODS)))
 @click.option("--rank", type=int, help="Adapter rank r (default: the method's).")
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha / r (default: the method's).")
-@click.option("--targets", default="q_proj,v_proj", show_default=True,
+@click.option("--targets", default="q_proj,v_proj",
               help="Module-name suffixes (comma list), 'all-linear', or a regex over full names.")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="A method option, e.g. -o ratio=0.2 (see `svd-serve methods`).")
+@click.option("--reg", multiple=True, metavar="KEY=VALUE", help="A regularizer coefficient, e.g. --reg beta=1e-3.")
+@click.option("--calib-data", type=click.Path(), help="JSONL for CorDA/KORE input covariances.")
+@click.option("--max-length", default=512, type=int, help="Longer rows are truncated (and counted).")
+@click.option("--pack", is_flag=True, help="Concatenate short rows into rows of up to --max-length tokens.")
+@click.option("--eval-data", type=click.Path(), help="JSONL evaluated at checkpoints and at the end.")
+@click.option("--eval-split", type=float, help="Hold out this fraction of --data for evaluation, e.g. 0.05.")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (default: at checkpoints and the end).")
 @click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, help="Epochs over the data (instead of --steps).")
-@click.option("--lr", default=4e-4, show_default=True, type=float)
-@click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--max-length", default=512, show_default=True, type=int, help="Longer rows are truncated (and counted).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--calib-data", type=click.Path(), help="JSONL for CorDA/KORE input covariances.")
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="A method option, e.g. -o beta=1e-4 (see `svd-serve methods`).")
-@click.option("--out", required=True, type=click.Path(), help="Output adapter directory.")
-def train(base, data, method, rank, alpha, targets, steps, epochs, lr, batch_size, max_length, seed,
-          calib_data, options, out):
-    """Train an adapter on a base model; the method's regularizers are added automatically."""
-    from .adapter import parse_option_values
-    from .train import TrainConfig
+@click.option("--batch-size", default=4, type=int, help="Rows per process and accumulation step.")
+@click.option("--grad-accum", default=1, type=int, help="Accumulation steps per optimizer step.")
+@click.option("--lr", default=4e-4, type=float)
+@click.option("--schedule", default="cosine", type=click.Choice(["cosine", "linear", "constant"]), help="After warmup.")
+@click.option("--warmup", default=0.0, type=float, help="Warmup steps (>= 1) or fraction of all steps (< 1).")
+@click.option("--weight-decay", default=0.0, type=float)
+@click.option("--max-grad-norm", default=1.0, type=float, help="Clip the global gradient norm (0: off).")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]),
+              help="Base weights and autocast dtype; adapter parameters stay float32.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--absorb-frozen", is_flag=True,
+              help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
+@click.option("--seed", default=0, type=int)
+@click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
+@click.option("--keep-checkpoints", default=3, type=int, help="Keep the last N checkpoints (and the best).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints.")
+@click.option("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
+@click.pass_context
+def train(ctx, config_file, **given):
+    """Train an adapter; the method's regularizers are added automatically.
+
+    Under `torchrun --nproc-per-node N -m svd_serve train ...` it trains data-parallel (NCCL on GPU,
+    gloo on CPU); --batch-size is per process."""
+    from click.core import ParameterSource
+
+    from .train import load_config
     from .train import train as run
 
-    cfg = TrainConfig(base=base, data=data, out=out, method=method, rank=rank, alpha=alpha,
-                      targets=targets, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                      max_length=max_length, seed=seed, calib_data=calib_data,
-                      options=parse_option_values(method, list(options)))
-    click.echo(f"adapter written to {run(cfg)}")
+    # a config file's values are overridden only by flags given on the command line
+    given = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    for key in ("options", "reg"):
+        if key in given:
+            given[key] = list(given[key])
+    click.echo(f"adapter written to {run(load_config(config_file, **given))}")
 
 
 @cli.command()
@@ -95,14 +122,158 @@ def export(target, base, adapters, out, max_rank, dtype, no_verify):
     click.echo(f"written to {out}")
 
 
+@cli.command("inspect")
+@click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
+@click.option("--base", type=click.Path(), help="The base: adds the spectra of W and W+ΔW, and Δσ.")
+@click.option("--max-rank", type=int, help="Show the export at this rank (error reported).")
+@click.option("--modules", help="Regex: only the modules whose names it matches.")
+@click.option("--plot", type=click.Path(), help="Also write the spectra as a PNG (a grid of small panels).")
+def inspect_cmd(adapter, base, max_rank, modules, plot):
+    """Singular spectra per module: ΔW's rank and energy, and with --base the σ shift of W."""
+    from .inspect import check_plot_path, inspect, plot as draw, table
+
+    if plot:
+        check_plot_path(plot)
+    specs = inspect(adapter, base, max_rank=max_rank, modules=modules)
+    click.echo(table(specs))
+    if plot:
+        draw(specs, plot, title=str(adapter))
+        shown = f" (first 24 of {len(specs)} modules; narrow with --modules)" if len(specs) > 24 else ""
+        click.echo(f"plot written to {plot}{shown}")
+
+
+@cli.command()
+@click.option("--target", required=True, type=click.Choice(["vllm"]))
+@click.option("--base", required=True, type=click.Path(), help="The base the export was made for.")
+@click.option("--export", "export_dir", required=True, type=click.Path(), help="Output of `svd-serve export`.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat; default: three built-in).")
+@click.option("--max-tokens", default=16, show_default=True, type=int)
+@click.option("--tol", default=1e-3, show_default=True, type=float, help="Largest accepted |Δ logprob|.")
+@click.option("--kv-cache-mib", default=1024, show_default=True, type=int, help="vLLM KV cache size.")
+@click.option("--json", "json_out", type=click.Path(), help="Also write the report (with tokens) here.")
+def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, json_out):
+    """Serve an export with vLLM (float32, one mixed batch) and compare with the HF model."""
+    from .verify import verify as run
+
+    report = run(target, base, export_dir, list(prompts) or None, max_tokens, tol, kv_cache_mib)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    for name, r in report.items():
+        status = "ok" if r["ok"] else "MISMATCH"
+        click.echo(f"{name}: {status}: greedy tokens {'match' if r['tokens_match'] else 'differ'}, "
+                   f"max |Δ logprob| {r['max_logprob_gap']:.2e}")
+    if not all(r["ok"] for r in report.values()):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--base", required=True, type=click.Path(), help="The base every adapter was trained on.")
+@click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
+              help="svd-serve adapter directory (repeat for each).")
+@click.option("--method", required=True, type=click.Choice(MERGE_METHODS))
+@click.option("--weights", help="Comma list, one per adapter (default: all 1).")
+@click.option("--density", default=1.0, show_default=True, type=float,
+              help="TIES/KnOTS: fraction of magnitudes kept; DARE: keep probability.")
+@click.option("--lambda", "lam", default=1.0, show_default=True, type=float, help="Scale of the merged ΔW.")
+@click.option("--seed", default=0, show_default=True, type=int, help="DARE's random masks.")
+@click.option("--shared", default="ties", show_default=True, type=click.Choice(MERGE_METHODS[:-1]),
+              help="twin: the method of the shared merge.")
+@click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
+@click.option("--rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
+@click.option("--out", required=True, type=click.Path())
+def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out):
+    """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
+    one residual adapter per task, OUT/base and OUT/adapters/NAME."""
+    from .merge import merge as run
+
+    if weights is not None:
+        try:
+            weights = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
+    report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
+                 seed=seed, fold=fold, rank=rank, shared=shared)
+    if report["kind"] == "adapter":
+        click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
+    for name, entry in report.get("adapters", {}).items():
+        click.echo(f"{name}: rank {entry['rank']}, max relative error {entry['max_rel_error']:.3e}")
+    click.echo(f"{method} merge of {len(adapters)} adapters ({report['modules']} modules) written to {out}")
+
+
+@cli.command("import")
+@click.option("--from", "source", required=True, type=click.Choice(["peft"]))
+@click.option("--base", required=True, type=click.Path(), help="The original, unmodified base.")
+@click.option("--initial", type=click.Path(),
+              help="PiSSA/OLoRA/CorDA: the adapter PEFT saved before training.")
+@click.option("--out", required=True, type=click.Path())
+@click.argument("adapter", type=click.Path())
+def import_cmd(source, base, initial, out, adapter):
+    """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter."""
+    from .importer import import_peft
+
+    report = import_peft(adapter, base, out, initial)
+    click.echo(f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}, written to {out}")
+
+
+@cli.command()
+@click.option("--base", required=True, type=click.Path())
+@click.option("--finetuned", required=True, type=click.Path(), help="A full fine-tune of --base.")
+@click.option("--rank", type=int, help="Components kept per module.")
+@click.option("--energy", type=float, help="Per module, the fewest components holding this fraction of ||ΔW||².")
+@click.option("--targets", default="all-linear", show_default=True,
+              help="Module-name suffixes (comma list), 'all-linear', or a regex over full names.")
+@click.option("--out", required=True, type=click.Path())
+def extract(base, finetuned, rank, energy, targets, out):
+    """Extract an adapter from a full fine-tune (SVD of W_ft - W_base per Linear)."""
+    from .extract import extract as run
+
+    report = run(base, finetuned, out, rank=rank, energy=energy, targets=targets)
+    click.echo(f"{report['modules']} modules, rank {report['rank']}, max relative error "
+               f"{report['max_rel_error']:.3e}" + (f", {report['unchanged']} unchanged modules left out"
+                                                    if report["unchanged"] else ""))
+    if report["other_changed"]:
+        click.echo(f"note: {len(report['other_changed'])} other parameters differ and are not in the adapter: "
+                   + ", ".join(report["other_changed"][:5]) + (" ..." if len(report["other_changed"]) > 5 else ""))
+    click.echo(f"written to {out}")
+
+
+@cli.command()
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An `export --target onnx` folder.")
+@click.option("--adapter", help="Adapter name from the export's manifest, or an .onnx_adapter file (default: the base).")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
+def generate(onnx_dir, adapter, prompt, max_new_tokens, temperature, seed):
+    """Generate from an ONNX export with onnxruntime-genai, with one adapter per request."""
+    from .generate import OnnxLM
+
+    lm = OnnxLM.open(onnx_dir)
+    click.echo(lm.generate(prompt, adapter, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    click.echo(f"[{adapter or 'base'} on {lm.provider}]", err=True)
+
+
+@cli.command("demo")
+@click.option("--out", default="svd-serve-demo", show_default=True, type=click.Path(),
+              help="Where the adapter, the folded model and the exports go.")
+@click.option("--steps", default=300, show_default=True, type=int, help="Training steps.")
+@click.option("--method", default="kasa", show_default=True, type=click.Choice(list(METHODS)))
+def demo_cmd(out, steps, method):
+    """Train, compare answers, fold and export on the embedded tiny model (minutes on a CPU)."""
+    from .demo import demo
+
+    demo(out, steps=steps, method=method, log=click.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="svd-serve", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # usage errors too: one line, as every other error
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except SvdServeError as e:
         click.echo(f"error: {e}", err=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +28,41 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SvdServeError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not (
-                    "text" in row or ("prompt" in row and "completion" in row) or "messages" in row):
-                raise SvdServeError(f'{path}:{lineno}: expected {{"text"}}, {{"prompt", "completion"}} '
-                                    'or {"messages"}')
+            problem = _check_row(row)
+            if problem:
+                raise SvdServeError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     if not rows:
         raise SvdServeError(f"{path} has no rows")
     return rows
+
+
+def _check_row(row) -> str | None:
+    if isinstance(row, dict) and "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            return '"messages" must be a non-empty list of {"role", "content"} strings'
+        return None
+    if isinstance(row, dict) and "text" in row:
+        return None if isinstance(row["text"], str) else '"text" must be a string'
+    if isinstance(row, dict) and "prompt" in row and "completion" in row:
+        ok = isinstance(row["prompt"], str) and isinstance(row["completion"], str)
+        return None if ok else '"prompt" and "completion" must be strings'
+    return 'expected {"text"}, {"prompt", "completion"} or {"messages"}'
+
+
+def split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random ``(train, eval)`` split with ``round(fraction · N)`` (at least 1) eval rows."""
+    if not 0 < fraction < 1:
+        raise SvdServeError(f"--eval-split must be in (0, 1), got {fraction}")
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise SvdServeError(f"--eval-split {fraction} leaves no training rows out of {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
 
 
 @dataclass
@@ -42,6 +70,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens that carry loss (the first position is never a target: nothing precedes it)."""
+        return sum(label != IGNORE for label in self.labels[1:])
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -65,31 +98,55 @@ def encode(row: dict, tokenizer, max_length: int) -> Example:
     return Example(ids[:max_length], labels[:max_length], truncated)
 
 
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                        return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
 def _encode_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Render the conversation one message at a time; each message's new tokens get loss only if it
+    is an assistant turn, and never its header (what ``add_generation_prompt`` adds)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise SvdServeError("a {\"messages\"} row needs a tokenizer with a chat template; this one has none")
+        raise SvdServeError('a {"messages"} row needs a tokenizer with a chat template; this one has none')
     ids: list[int] = []
     labels: list[int] = []
     for i, msg in enumerate(messages):
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
-        if hasattr(full, "input_ids") or isinstance(full, dict):
-            full = full["input_ids"]
-        full = list(full)
+        full = _template_ids(tokenizer, messages[: i + 1])
         if full[: len(ids)] != ids:
             raise SvdServeError("the chat template does not render conversations incrementally; "
                                 "cannot mask assistant turns")
         new = full[len(ids):]
-        if msg.get("role") == "assistant":
-            # the assistant header added by add_generation_prompt carries no loss
-            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True,
-                                                   return_dict=False) if i else []
-            prefix = list(prefix["input_ids"] if isinstance(prefix, dict) else prefix)
-            header = max(0, len(prefix) - len(ids)) if prefix[: len(ids)] == ids else 0
+        if msg["role"] == "assistant":
+            prefix = _template_ids(tokenizer, messages[:i], generation_prompt=True) if i else []
+            header = len(prefix) - len(ids) if prefix[: len(ids)] == ids and full[: len(prefix)] == prefix else 0
             labels += [IGNORE] * header + new[header:]
         else:
             labels += [IGNORE] * len(new)
         ids = full
     return ids, labels
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedily concatenate consecutive examples into rows of at most ``max_length`` tokens.
+
+    The first token of every appended example gets no loss (it would be predicted from the previous
+    example). Packed examples still attend to the ones before them in the same row, as in
+    nanoGPT-style packing; leave ``--pack`` off when that matters."""
+    out: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        if ids and len(ids) + len(e.input_ids) > max_length:
+            out.append(Example(ids, labels))
+            ids, labels = [], []
+        labels += ([IGNORE] + e.labels[1:]) if ids else e.labels
+        ids += e.input_ids
+    if ids:
+        out.append(Example(ids, labels))
+    return out
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

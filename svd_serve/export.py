@@ -70,8 +70,9 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(model),
                     architecture=type(model).__name__, model_type=model.config.model_type,
                     options=options)
-    written = convert(job, Path(out))
-    report = {"target": target, "out": str(out), "adapters": {}}
+    written = dict(convert(job, Path(out)))
+    messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
+    report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}
     for e, s in zip(exported, sets):
         entry = {"rank": e.rank, "modules": len(e.A), "bound": max(l.rank_bound() for _, l in s.items()),
                  "max_rel_error": max(e.rel_error.values()), **written.get(e.name, {})}

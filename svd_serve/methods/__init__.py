@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import SvdServeError
 from .base import Adapter, Options
 from .corda import CorDAIPA, CorDAKPA
+from .delta import Delta
 from .kasa import KaSA
 from .kore import KORE
 from .lora import LoRA
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Adapter]] = {
     "salt": SALT,
     "soma": SoMA,
     "kore": KORE,
+    "delta": Delta,
 }
 
 

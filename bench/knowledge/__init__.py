@@ -1,0 +1,1 @@
+"""Knowledge-retention benchmark: a synthetic world, a tiny base pretrained on it, two adaptation tasks."""

@@ -1,0 +1,107 @@
+"""`svd-serve inspect`: spectra, energy, exported rank; a PNG for an adapter of every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.methods import METHODS
+from svd_serve.model import load_base, resolve_targets
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_adapter(base, method, out, seed=0):
+    """An adapter as if trained: every trainable tensor moved off its init."""
+    from svd_serve.calib import input_covariances
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = load_base(base)
+    targets = resolve_targets(model, "q_proj,v_proj")
+    covs = None
+    if METHODS[method].needs_calibration:
+        tok = AutoTokenizer.from_pretrained(base)
+        rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
+        covs = input_covariances(model, targets, rows, tok)
+    adapters = AdapterSet.create(model, method, make_options(method, rank=4), targets, covariances=covs,
+                                 progress=False)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return adapters.save(out), model, adapters
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_plot_every_method(method, tiny_model, tmp_path, run_cli):
+    import matplotlib.pyplot as plt
+
+    base = tiny_model("llama")
+    path, model, adapters = make_adapter(base, method, tmp_path / method)
+    png = tmp_path / "spectra.png"
+    code, out = run_cli("inspect", "--adapter", path, "--base", base, "--plot", png)
+    assert code == 0, out
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    img = plt.imread(png)
+    assert img.shape[0] > 400 and img.shape[1] > 800  # 4 modules x 3 panels
+    assert img[..., :3].std() > 0.05  # something was drawn
+    lines = out.splitlines()
+    for name, layer in adapters.items():
+        row = next(l for l in lines if l.startswith(name + " "))
+        rank = AdapterSet.deltas(adapters)[name].rank
+        assert row.split()[2] == str(rank), row
+        assert row.split()[3] == str(layer.rank_bound())
+
+
+def test_spectra_match_folded_model(tiny_model, tmp_path):
+    """σ(W+ΔW) equals the spectrum of the folded weight; Δσ and energies follow from it."""
+    from svd_serve.inspect import inspect
+
+    base = tiny_model("llama")
+    path, model, adapters = make_adapter(base, "pissa", tmp_path / "pissa", seed=1)
+    specs = inspect(path, base)
+    adapters.fold_into(model)
+    for s in specs:
+        w = model.get_submodule(s.name).weight.detach().double()
+        torch.testing.assert_close(s.adapted_sigma, torch.linalg.svdvals(w).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.dsigma, s.adapted_sigma - s.base_sigma)
+        a, b = adapters.layers[s.name.replace(".", "__")].delta()
+        dense = torch.linalg.svdvals((b @ a).double())
+        assert s.rank == int((dense > 1e-6 * dense[0]).sum()) == 8  # PiSSA: 2r with r = 4
+        energy = dense[: s.rank].square().cumsum(0) / dense.square().sum()
+        torch.testing.assert_close(s.energy[: s.rank].double(), energy, rtol=1e-5, atol=1e-6)
+        assert s.rank_for(1.0) == s.rank and 1 <= s.rank_for(0.9) <= s.rank
+        assert s.rank_for(0.9) == int((energy < 0.9).sum()) + 1
+
+
+def test_without_base_and_truncated(tiny_model, tmp_path, run_cli):
+    from svd_serve.inspect import inspect
+
+    base = tiny_model("llama")
+    path, _, adapters = make_adapter(base, "kasa", tmp_path / "kasa")
+    specs = inspect(path, max_rank=3, modules=r"layers\.0\.")
+    assert [s.name for s in specs] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    for s in specs:
+        assert s.base_sigma is None and s.exported_rank == 3 and s.rank == 8
+        expected = float(s.delta_sigma[3:].square().sum() / s.delta_sigma.square().sum()) ** 0.5
+        assert s.rel_error == pytest.approx(expected, rel=1e-5)
+    code, out = run_cli("inspect", "--adapter", path, "--plot", tmp_path / "d.png")
+    assert code == 0, out
+    assert "σ1(W)" not in out and (tmp_path / "d.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modules", "nothing_matches"], "matches none"),
+    (["--plot", "spectra.jpg"], "must name a .png"),
+    (["--max-rank", "0"], "at least 1"),
+])
+def test_bad_input(args, message, tiny_model, tmp_path, run_cli):
+    path, _, _ = make_adapter(tiny_model("llama"), "lora", tmp_path / "lora")
+    code, out = run_cli("inspect", "--adapter", path, *args)
+    assert code == 2 and message in out, out
+
+
+def test_not_an_adapter(tmp_path, run_cli):
+    code, out = run_cli("inspect", "--adapter", tmp_path)
+    assert code == 2 and "not an svd-serve adapter" in out

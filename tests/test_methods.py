@@ -1,0 +1,207 @@
+"""Every method on tiny Llama, Qwen2 and Phi-3 with all-linear targets (fused qkv/gate_up, down_proj with
+out < in): the adapted model equals the base at init (KaSA: the base minus its dropped components),
+and after a random perturbation of every trainable tensor, ``fold`` and a PEFT export reproduce it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.calib import input_covariances
+from svd_serve.export import export
+from svd_serve.fold import fold
+from svd_serve.methods import METHODS
+from svd_serve.model import load_base, resolve_targets
+from svd_serve.tiny import CORPUS
+
+ARCHS = ["llama", "qwen2", "phi3"]
+RANK = 4
+TOL = 1e-4  # fp32, max |Δ logits|
+
+
+@dataclass
+class Env:
+    path: Path
+    model: torch.nn.Module
+    targets: list[str]
+    covs: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    base_logits: torch.Tensor
+
+
+@torch.no_grad()
+def logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def gap(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).detach().abs().max())
+
+
+@pytest.fixture(scope="session")
+def env(tiny_model):
+    """``env(arch)``: the base model, its all-linear targets, calibration covariances, fixed inputs."""
+    from transformers import AutoTokenizer
+
+    cache: dict[str, Env] = {}
+
+    def get(arch: str) -> Env:
+        if arch not in cache:
+            path = tiny_model(arch)
+            model = load_base(path)
+            targets = resolve_targets(model, "all-linear")
+            tok = AutoTokenizer.from_pretrained(path)
+            covs = input_covariances(model, targets, [{"text": t} for t in CORPUS[:8]], tok)
+            ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+            cache[arch] = Env(path, model, targets, covs, ids, logits(model, ids))
+        return cache[arch]
+
+    return get
+
+
+def create(e: Env, method: str, **options) -> tuple[torch.nn.Module, AdapterSet]:
+    """A fresh copy of the base with ``method`` attached over all-linear targets (rank RANK)."""
+    model = copy.deepcopy(e.model)
+    covs = e.covs if METHODS[method].needs_calibration else None
+    adapters = AdapterSet.create(model, method, make_options(method, rank=RANK, **options), e.targets,
+                                 "all-linear", covs, base_model=str(e.path), progress=False)
+    return adapters.attach(model), adapters
+
+
+@torch.no_grad()
+def perturb(adapters: AdapterSet, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in adapters.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@torch.no_grad()
+def kasa_reference(e: Env, adapters: AdapterSet) -> torch.nn.Module:
+    """The base with ``W − (r smallest singular components of W) + s·B diag(d) A`` written densely."""
+    ref = copy.deepcopy(e.model)
+    for name, layer in adapters.items():
+        w = ref.get_submodule(name).weight
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        r = layer.opts.rank
+        dropped = (u[:, -r:] * s[-r:]) @ vh[-r:]
+        update = (layer.B.double() * (layer.d.double() * layer.scale)) @ layer.A.double()
+        w.copy_((w.double() - dropped + update).float())
+    return ref
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_init_fold_and_peft_export(method, arch, env, tmp_path):
+    check_init_fold_and_export(env(arch), method, tmp_path)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("kore", {"freeze_a": True}), ("pissa", {"niter": 4}), ("sorsa", {"niter": 4}), ("svfit", {"niter": 2}),
+    ("salt", {"ratio": 0.25}), ("kasa", {"alpha": 3.0}), ("corda-kpa", {"damp": 0.5})])
+def test_option_variants(method, options, env, tmp_path):
+    check_init_fold_and_export(env("phi3"), method, tmp_path, **options)
+
+
+def check_init_fold_and_export(e: Env, method: str, tmp_path: Path, **options) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, adapters = create(e, method, **options)
+    init = logits(model, e.ids)
+    if method == "kasa":
+        assert gap(init, e.base_logits) > 10 * TOL  # the truncation is real ...
+        assert gap(init, logits(kasa_reference(e, adapters), e.ids)) <= TOL  # ... and exactly the minor part
+    else:
+        assert gap(init, e.base_logits) <= TOL
+
+    perturb(adapters)
+    adapted = logits(model, e.ids)
+    assert gap(adapted, e.base_logits) > 1e-2  # the perturbation reaches the output
+    if method == "kasa":
+        assert gap(adapted, logits(kasa_reference(e, adapters), e.ids)) <= TOL
+
+    adapters.save(tmp_path / "adapter")
+    fold(e.path, tmp_path / "adapter", tmp_path / "folded")
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded", dtype=torch.float32).eval()
+    assert gap(logits(folded, e.ids), adapted) <= TOL
+
+    report = export("peft", e.path, [tmp_path / "adapter"], tmp_path / "peft")
+    entry = report["adapters"]["adapter"]
+    assert entry["max_rel_error"] == 0.0 and entry["max_logit_gap"] <= TOL
+    peft_model = PeftModel.from_pretrained(load_base(e.path), tmp_path / "peft").eval()
+    assert gap(logits(peft_model, e.ids), adapted) <= TOL
+
+    # exported rank: uniform R = the largest exact rank, each module within its method's bound
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    bounds = {name: layer.rank_bound() for name, layer in adapters.items()}
+    assert config["r"] == config["lora_alpha"] == entry["rank"] <= max(bounds.values())
+    assert entry["bound"] == max(bounds.values())
+    for name, bound in bounds.items():
+        a = tensors[f"base_model.model.{name}.lora_A.weight"]
+        assert a.shape[0] == config["r"]
+        assert int((a.abs().sum(1) > 0).sum()) <= bound
+
+
+@pytest.mark.parametrize("method", ["kasa", "pissa", "svf", "salt", "corda-kpa"])
+def test_max_rank_reports_its_error(method, env, tmp_path):
+    e = env("llama")
+    _, adapters = create(e, method)
+    perturb(adapters)
+    adapters.save(tmp_path / "adapter")
+    k = 3
+    report = export("peft", e.path, [tmp_path / "adapter"], tmp_path / "peft", max_rank=k, verify=False)
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    errors = {}
+    for name, layer in adapters.items():
+        a, b = layer.delta()
+        dense = b.double() @ a.double()
+        a2 = tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        b2 = tensors[f"base_model.model.{name}.lora_B.weight"].double()
+        assert a2.shape[0] <= k
+        errors[name] = float(torch.linalg.norm(dense - b2 @ a2) / torch.linalg.norm(dense))
+        # the truncation is the best rank-k one (Eckart–Young): the tail of the singular values
+        s = torch.linalg.svdvals(dense)
+        assert errors[name] == pytest.approx(float(s[k:].norm() / s.norm()), abs=1e-5)
+    assert report["adapters"]["adapter"]["max_rel_error"] == pytest.approx(max(errors.values()), abs=1e-5)
+    assert max(errors.values()) > 1e-3  # rank k really truncates here
+
+
+def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """What the method's paper takes out of (or keeps of) ``W`` at init, densely in float64."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    r = RANK
+    if method in ("pissa", "sorsa", "svfit"):
+        return (u[:, :r] * s[:r]) @ vh[:r]
+    if method in ("milora", "soma"):
+        return (u[:, -r:] * s[-r:]) @ vh[-r:]
+    if method in ("svf", "salt"):
+        return w
+    if method == "kore":
+        null = torch.linalg.eigh(cov)[1][:, :r]  # eigenvectors of the r smallest eigenvalues
+        return w @ null @ null.T
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"])
+def test_initial_component_is_the_documented_one(method, env):
+    e = env("phi3")
+    _, adapters = create(e, method)
+    for name, layer in adapters.items():
+        w = e.model.get_submodule(name).weight.detach().double()
+        if method in ("svfit", "svf"):
+            piece = (layer.U.double() * layer.sigma0.double()) @ layer.Vh.double()
+        elif method == "salt":
+            piece = (layer.U.double() * layer.S.double()) @ layer.Vh.double()
+        else:
+            a, b = layer.frozen_factors()
+            piece = -(b.double() @ a.double())
+        expected = expected_piece(method, w, e.covs[name].double())
+        assert (piece - expected).abs().max() <= 1e-5 * float(torch.linalg.matrix_norm(w, 2)), name

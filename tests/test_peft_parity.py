@@ -1,0 +1,84 @@
+"""Parity with HF PEFT's LoRA, PiSSA, OLoRA, CorDA and KaSA from the same base: the same initial ΔW
+(PEFT's rewritten base weight vs ``W`` + svd-serve's frozen delta; lora_A/lora_B vs A/B up to the sign of
+each rank-1 component) and the same forward once both hold the same perturbed trainable values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svd_serve.methods import METHODS
+from test_methods import Env, create, env, gap, logits, perturb  # noqa: F401  (env is a fixture)
+
+RANK, ALPHA = 4, 8.0  # scale 2 on both sides
+TOL = 1e-4
+WEIGHT_TOL = 1e-5  # fp32 weights of magnitude ~0.1-1
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_model_for(method: str, e: Env, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig, KasaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from svd_serve.model import load_base
+
+    kwargs = {"init_lora_weights": {"lora": True, "pissa": "pissa", "olora": "olora"}.get(method, True)}
+    if method.startswith("corda"):
+        cov_file = tmp_path / "cov.pt"
+        torch.save(dict(e.covs), cov_file)  # keyed by module name of the base model, as PEFT reads it
+        mode = {"corda-ipa": "ipm", "corda-kpa": "kpm"}[method]
+        kwargs = {"init_lora_weights": "corda",
+                  "corda_config": CordaConfig(covariance_file=str(cov_file), corda_method=mode)}
+    if method == "kasa":
+        kwargs["kasa_config"] = KasaConfig()
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LLAMA_LINEARS, **kwargs)
+    model = load_base(e.path)
+    if method.startswith("corda"):
+        preprocess_corda(model, config)
+    return get_peft_model(model, config).eval()
+
+
+def align_signs(a, b, a_ref, b_ref):
+    """Flip each rank-1 component ``(b[:, i], a[i])`` to the sign of the reference."""
+    sign = torch.sign((a * a_ref).sum(1))
+    sign[sign == 0] = 1
+    return a * sign[:, None], b * sign
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "olora", "corda-ipa", "corda-kpa", "kasa"])
+def test_same_as_peft(method, env, tmp_path):
+    e = env("llama")
+    theirs = peft_model_for(method, e, tmp_path)
+    model, ours = create(e, method)
+    assert ours.layers[next(iter(ours.layers))].scale == ALPHA / RANK
+    assert len(dict(ours.items())) == len(e.targets) == 7 * e.model.config.num_hidden_layers
+
+    for name, layer in ours.items():
+        lora = theirs.base_model.model.get_submodule(name)
+        w = e.model.get_submodule(name).weight
+        frozen = layer.frozen_factors()
+        rewritten = w + frozen[1] @ frozen[0] if frozen is not None else w
+        assert gap(lora.base_layer.weight, rewritten) <= WEIGHT_TOL, name
+        a_t, b_t = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+        if method in ("lora", "kasa"):  # random A, B = 0: the same ΔW = 0, nothing else to compare
+            assert not b_t.any() and not layer.B.any()
+        else:
+            a, b = align_signs(layer.A, layer.B, a_t, b_t)
+            assert gap(a, a_t) <= WEIGHT_TOL and gap(b, b_t) <= WEIGHT_TOL, name
+
+    perturb(ours)
+    with torch.no_grad():
+        for name, layer in ours.items():
+            lora = theirs.base_model.model.get_submodule(name)
+            lora.lora_A["default"].weight.copy_(layer.A)
+            lora.lora_B["default"].weight.copy_(layer.B)
+            if method == "kasa":
+                lora.lora_diag["default"].copy_(layer.d)
+    adapted = logits(model, e.ids)
+    assert gap(adapted, e.base_logits) > 1e-2
+    assert gap(logits(theirs, e.ids), adapted) <= TOL
+
+    if method == "kasa":  # PEFT sums its per-layer terms; svd-serve averages them (as the official trainer)
+        expected = float(theirs.base_model._get_kasa_loss().detach()) / len(e.targets)
+        assert float(ours.regularizer().detach()) == pytest.approx(expected, rel=1e-5)

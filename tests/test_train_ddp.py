@@ -1,0 +1,36 @@
+"""Data-parallel training: 2 CPU processes (gloo, launched by torchrun) × batch 2 = 1 process × batch 4."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from test_train import max_diff
+
+
+def test_two_processes_equal_one(tiny_model, text_data, tmp_path, run_cli):
+    args = ["train", "--base", tiny_model("llama"), "--data", text_data, "--method", "kasa", "--steps", 4,
+            "--lr", 1e-2, "--save-every", 2, "--eval-split", 0.2, "--no-progress"]
+    code, output = run_cli(*args, "--batch-size", 4, "--out", tmp_path / "one")
+    assert code == 0, output
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "svd_serve", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-4
+    # only rank 0 writes: one record per step, and the same losses as the single process
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["tokens"] == b["tokens"]
+        assert ("eval_loss" in a) == ("eval_loss" in b)
+        if "eval_loss" in a:
+            assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-4
+    assert (tmp_path / "two" / "checkpoints" / "step-2" / "trainer_state.pt").is_file()

@@ -1,0 +1,353 @@
+"""vLLM export, serve-time loading and verification, against the installed vLLM.
+
+One offline engine (``svd-serve verify``, a subprocess) and one OpenAI-compatible server per module;
+the server starts first so that both start-ups overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.converters import ExportedAdapter, ExportJob
+from svd_serve.converters import vllm as conv
+from svd_serve.converters import vllm_plugin as plugin
+from svd_serve.errors import SvdServeError
+from svd_serve.model import load_base, resolve_targets
+from svd_serve.verify import PROMPTS, compare, greedy
+
+MAX_TOKENS = 8
+
+
+def perturbed_adapter(model, method: str, seed: int, out: Path) -> Path:
+    """An adapter whose trainable tensors are moved off their init, so that it changes outputs."""
+    s = AdapterSet.create(model, method, make_options(method, rank=4), resolve_targets(model, "all-linear"),
+                          progress=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in s.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return s.save(out)
+
+
+def scratch_env(tmp: Path) -> dict:
+    scratch = tmp / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
+            "HF_HOME": str(tmp / "hf"), "TMPDIR": str(scratch), "VLLM_RPC_BASE_PATH": str(scratch),
+            # logprob ops are torch.compile'd on first use: eager is exact and saves ~30 s
+            "TORCH_COMPILE_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A vLLM-loadable tiny Llama (CPU attention needs head_dim ≥ 32), KaSA + PiSSA adapters, export."""
+    from svd_serve.export import export
+    from svd_serve.tiny import build_tiny_model
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    base = build_tiny_model(tmp / "base", "llama", head_dim=32)
+    model = load_base(base)
+    root = tmp / "root"
+    adapters = [perturbed_adapter(model, "kasa", 1, root / "kasa"),
+                perturbed_adapter(model, "pissa", 2, root / "pissa")]
+    report = export("vllm", base, adapters, tmp / "exp")
+    return {"tmp": tmp, "base": base, "root": root, "adapters": adapters, "exp": tmp / "exp",
+            "report": report, "model": model}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw.strip().startswith(b"{") else {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def serving(setup, tokenizer_ids):
+    """Starts the server, runs the offline check meanwhile, then waits for the server."""
+    tmp, exp = setup["tmp"], setup["exp"]
+    env = scratch_env(tmp)
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    # the two engines run at the same time: give each its own core
+    server_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": "1",
+                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "svd_serve",
+                  plugin.ROOT_ENV: str(setup["root"])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(setup["base"]),
+         "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "4", "--max-cpu-loras", "8",
+         "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20),
+         "--lora-modules", f"kasa-static={exp / 'kasa'}"],
+        env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "svd_serve", "verify", "--target", "vllm", "--base", str(setup["base"]),
+             "--export", str(exp), "--max-tokens", str(MAX_TOKENS), "--kv-cache-mib", "64",
+             "--json", str(tmp / "verify.json")],
+            env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"}, capture_output=True, text=True, timeout=400)
+        offline = {"code": out.returncode, "output": out.stdout + out.stderr[-3000:]}
+        if out.returncode in (0, 1):
+            offline["report"] = json.loads((tmp / "verify.json").read_text())
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "server did not start"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        yield {"url": url, "offline": offline, "log": tmp / "server.log", "ids": tokenizer_ids}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_ids(setup):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+def complete(url: str, model: str, ids: list[int]) -> tuple[int, dict]:
+    return post(url + "/v1/completions", {"model": model, "prompt": ids, "max_tokens": MAX_TOKENS,
+                                          "temperature": 0.0, "ignore_eos": True, "return_token_ids": True})
+
+
+def tokens_of(url: str, model: str, ids: list[int]) -> list[int]:
+    code, body = complete(url, model, ids)
+    assert code == 200, body
+    return body["choices"][0]["token_ids"]
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def test_export_layout_and_command(setup, run_cli, tmp_path):
+    code, out = run_cli("export", "--target", "vllm", "--base", setup["base"],
+                        *sum((["--adapter", a] for a in setup["adapters"]), []), "--out", tmp_path / "e")
+    assert code == 0, out
+    serve = json.loads((tmp_path / "e" / "serve.json").read_text())
+    ranks = [serve["adapters"][n]["rank"] for n in ("kasa", "pissa")]
+    assert serve["max_lora_rank"] == conv.max_lora_rank(max(ranks)) and serve["max_loras"] == 3
+    line = next(l for l in out.splitlines() if l.startswith("python -m vllm.entrypoints.openai.api_server"))
+    assert "--max-loras 3" in line and f"--max-lora-rank {serve['max_lora_rank']}" in line
+    assert f"kasa={tmp_path.resolve() / 'e' / 'kasa'}" in line
+    for name, r in zip(("kasa", "pissa"), ranks):
+        cfg = json.loads((tmp_path / "e" / name / "adapter_config.json").read_text())
+        assert cfg["r"] == cfg["lora_alpha"] == r and cfg["init_lora_weights"] is True
+
+
+def test_export_truncated_reports_errors(setup, run_cli, tmp_path):
+    code, out = run_cli("export", "--target", "vllm", "--base", setup["base"], "--adapter",
+                        setup["adapters"][0], "--out", tmp_path / "e", "--max-rank", "2")
+    assert code == 0, out
+    serve = json.loads((tmp_path / "e" / "serve.json").read_text())
+    errors = serve["adapters"]["kasa"]["rel_error"]
+    assert serve["adapters"]["kasa"]["rank"] == 2 and len(errors) == 14 and min(errors.values()) > 0
+    assert "largest error" in out and serve["max_lora_rank"] == 8 and serve["max_loras"] == 2
+
+
+def fake_job(arch="LlamaForCausalLM", module="model.layers.0.self_attn.q_proj", rank=4, name="a"):
+    a = ExportedAdapter(name=name, path=Path(name), config={}, A={module: torch.zeros(rank, 3)},
+                        B={module: torch.zeros(5, rank)}, rel_error={module: 0.0})
+    return ExportJob(base=Path("base"), adapters=[a], linear_modules=[module], architecture=arch,
+                     model_type="x")
+
+
+@pytest.mark.parametrize("job, message", [
+    (fake_job(arch="GPT2LMHeadModel", module="transformer.h.0.attn.c_attn"), "no LoRA support for GPT2LMHeadModel"),
+    (fake_job(module="model.layers.0.mlp.fc1"), "no LoRA layer for module(s) model.layers.0.mlp.fc1"),
+    (fake_job(module="lm_head"), "no LoRA layer for module(s) lm_head"),
+    (fake_job(rank=513), "above vLLM's largest --max-lora-rank 512"),
+    (fake_job(name="a=b"), "cannot be served"),
+])
+def test_export_refuses_what_vllm_rejects(job, message, tmp_path):
+    with pytest.raises(SvdServeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        conv.export(job, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_lora_rank_values():
+    assert [conv.max_lora_rank(r) for r in (1, 2, 8, 9, 257, 320, 321, 512)] == [1, 8, 8, 16, 320, 320, 512, 512]
+    with pytest.raises(SvdServeError):
+        conv.max_lora_rank(513)
+
+
+@pytest.mark.vllm
+def test_allow_list_matches_installed_vllm():
+    from vllm.config.lora import MaxLoRARanks
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    assert tuple(sorted(int(r) for r in MaxLoRARanks.__args__)) == conv.MAX_LORA_RANKS
+    for arch, modules in conv.LORA_MODULES.items():
+        cls = ModelRegistry._try_load_model_cls(arch)
+        assert cls is not None and supports_lora(cls), arch
+        packed = {m for names in getattr(cls, "packed_modules_mapping", {}).values() for m in names}
+        assert packed <= modules | {"experts", "w1", "w2", "w3"}, (arch, packed - modules)
+
+
+# --- offline engine and server --------------------------------------------------------------------
+
+def folded_tokens(setup, ids_list, adapter: Path | None) -> list[list[int]]:
+    model = load_base(setup["base"])
+    if adapter is not None:
+        AdapterSet.load(adapter, model).fold_into(model)
+    return [greedy(model, ids, MAX_TOKENS)[0] for ids in ids_list]
+
+
+@pytest.mark.vllm
+def test_offline_mixed_batch_matches_folded_models(setup, serving):
+    offline = serving["offline"]
+    assert offline["code"] == 0, offline["output"]
+    report = offline["report"]
+    assert set(report) == {"(base)", "kasa", "pissa"} and all(r["ok"] for r in report.values())
+    base_tokens = folded_tokens(setup, serving["ids"], None)
+    assert report["(base)"]["tokens"] == base_tokens
+    for adapter in setup["adapters"]:
+        tokens = report[adapter.name]["tokens"]
+        assert tokens == folded_tokens(setup, serving["ids"], adapter)
+        assert tokens != base_tokens  # the adapter is really applied
+
+
+@pytest.mark.vllm
+def test_server_static_dynamic_and_resolved(setup, serving):
+    url, ids, expected = serving["url"], serving["ids"], serving["offline"]["report"]
+    assert [tokens_of(url, "base", i) for i in ids] == expected["(base)"]["tokens"]
+    assert [tokens_of(url, "kasa-static", i) for i in ids] == expected["kasa"]["tokens"]
+    code, body = post(url + "/v1/load_lora_adapter", {"lora_name": "pissa-dyn",
+                                                      "lora_path": str(setup["exp"] / "pissa")})
+    assert code == 200, body
+    assert [tokens_of(url, "pissa-dyn", i) for i in ids] == expected["pissa"]["tokens"]
+    # the resolver: native adapters by name, several first requests at once
+    results = {}
+
+    def ask(k):
+        results[k] = tokens_of(url, "pissa", ids[k % len(ids)])
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[k] for k in range(4)] == [expected["pissa"]["tokens"][k % len(ids)] for k in range(4)]
+    assert [tokens_of(url, "kasa", i) for i in ids] == expected["kasa"]["tokens"]
+    assert serving["log"].read_text().count("svd-serve: converted adapter pissa") == 1
+
+
+@pytest.mark.vllm
+def test_server_resolver_refuses_escapes_and_survives_corrupt(setup, serving):
+    url, ids, tmp = serving["url"], serving["ids"], setup["tmp"]
+    outside = tmp / "outside"
+    shutil.copytree(setup["adapters"][0], outside / "secret", dirs_exist_ok=True)
+    escape = setup["root"] / "escape"
+    if not escape.exists():
+        escape.symlink_to(outside / "secret")
+    for name in ("../outside/secret", str(outside / "secret"), "escape", "missing"):
+        code, body = complete(url, name, ids[0])
+        assert code == 404, (name, body)
+    broken = setup["root"] / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "svd_adapter.json").write_text("{not json")
+    (broken / "svd_adapter.safetensors").write_bytes(b"garbage")
+    code, body = complete(url, "broken", ids[0])
+    assert code == 400 and "'broken'" in body["error"]["message"] and "is corrupt" in body["error"]["message"], body
+    assert tokens_of(url, "base", ids[0]) == serving["offline"]["report"]["(base)"]["tokens"][0]
+    assert not any("secret" in p.name or "escape" in p.name for p in (tmp / "vllm-cache" / "svd_serve_lora").glob("*"))
+
+
+# --- resolver and verify units ----------------------------------------------------------------------
+
+def test_adapter_dir_stays_inside_root(setup, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(setup["adapters"][1], root / "good")
+    shutil.copytree(setup["adapters"][1], tmp_path / "outside")
+    (root / "out").symlink_to(tmp_path / "outside")
+    (root / "in").symlink_to(root / "good")
+    assert plugin.adapter_dir(root, "good") == (root / "good").resolve()
+    assert plugin.adapter_dir(root, "in") == (root / "good").resolve()
+    for name in ("..", ".", "", "../outside", str(tmp_path / "outside"), "out", "good/..", "missing"):
+        assert plugin.adapter_dir(root, name) is None, name
+
+
+def test_concurrent_conversions_run_once(setup, tmp_path, monkeypatch):
+    calls = []
+    real = plugin.write_peft
+    monkeypatch.setattr(plugin, "write_peft", lambda *a: (calls.append(a), time.sleep(0.3), real(*a)))
+    src = setup["adapters"][0]
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(plugin.convert(src, tmp_path, "kasa", None)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(outs)) == 1
+    peft = json.loads((outs[0] / "adapter_config.json").read_text())
+    assert peft["r"] == json.loads((setup["exp"] / "kasa" / "adapter_config.json").read_text())["r"]
+    assert plugin.convert(src, tmp_path, "kasa", str(setup["base"])) == outs[0] and len(calls) == 1
+
+
+def test_conversion_checks_the_served_base(setup, tmp_path):
+    from svd_serve.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", "llama", seed=7, head_dim=32)
+    with pytest.raises(SvdServeError, match="different base"):
+        plugin.convert(setup["adapters"][0], tmp_path / "cache", "kasa", str(other))
+    assert not list((tmp_path / "cache").glob("kasa-*"))
+    out = plugin.convert(setup["adapters"][0], tmp_path / "cache", "kasa", str(setup["base"]))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_register_is_light_and_off_without_root(tmp_path):
+    code = ("import sys; from svd_serve.converters import vllm_plugin as p; p.register(); "
+            "print(sorted(m for m in ('vllm', 'transformers', 'svd_serve.adapter', 'svd_serve.export') "
+            "if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != plugin.ROOT_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_compare_flags_token_and_logprob_mismatches():
+    ref = [([1, 2, 3], [-0.1, -0.2, -0.3])]
+    assert compare(ref, [([1, 2, 3], [-0.1, -0.2, -0.3])], 1e-3)["ok"]
+    assert not compare(ref, [([1, 2, 4], [-0.1, -0.2, -0.3])], 1e-3)["ok"]
+    bad = compare(ref, [([1, 2, 3], [-0.1, -0.25, -0.3])], 1e-3)
+    assert bad["tokens_match"] and not bad["ok"] and bad["max_logprob_gap"] == pytest.approx(0.05)
+
+
+def test_verify_needs_an_export(setup, run_cli, tmp_path):
+    code, out = run_cli("verify", "--target", "vllm", "--base", setup["base"], "--export", tmp_path)
+    assert code == 2 and "not a vLLM export" in out
