@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ..errors import SvdServeError
-from .base import Adapter, Factors, kaiming_
+from .base import Factors
+from .lora import LoRA
 
 
-class Delta(Adapter):
+class Delta(LoRA):
     """A fixed low-rank update ``ΔW = B A`` with scale 1: what ``merge``, ``import`` and ``extract``
     write. ``rank`` is the number of components of every module; modules whose own rank is smaller
     are zero-padded, so it may exceed ``min(out, in)`` of some module (the exporters drop the
@@ -21,16 +19,7 @@ class Delta(Adapter):
     def build(self) -> None:
         if self.opts.rank < 1:
             raise SvdServeError(f"delta: rank {self.opts.rank} must be at least 1")
-        self.A = nn.Parameter(torch.zeros(self.opts.rank, self.n))
-        self.B = nn.Parameter(torch.zeros(self.m, self.opts.rank))
-
-    @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
-        kaiming_(self.A)
-        self.B.zero_()
+        super().build()
 
     def trainable_factors(self) -> Factors:
         return self.A, self.B
-
-    def rank_bound(self) -> int:
-        return self.opts.rank
