@@ -1,19 +1,26 @@
 """Training throughput of ``svd-serve train`` against HF PEFT + transformers ``Trainer``.
 
-    python bench/train_throughput.py                  # KaSA and LoRA, 40 steps each
-    python bench/train_throughput.py --steps 10 --methods lora
+    python bench/train_throughput.py                  # KaSA and LoRA, 100 steps each
+    python bench/train_throughput.py --steps 20 --methods lora
 
-KaSA also runs with ``--absorb-frozen`` (its frozen term folded into the run's base copy).
+KaSA also runs with ``--no-absorb-frozen`` (its frozen term as a second low-rank product per layer
+instead of folded into the run's private base copy, as PEFT's KaSA rewrites its base).
 
 One locally built llama (a few million parameters, float32, CPU), the same text rows in the same
 order, the same batch, steps, optimizer (fused AdamW, constant lr, clipping at 1.0), targets and
 initial adapter (svd-serve's init is copied into PEFT's ``lora_A``/``lora_B``/``lora_diag``). For KaSA
 the Trainer's loss gets PEFT's KaSA regularizer averaged over layers, as svd-serve adds it.
 
-Every run is its own process, one after another, so that peak RSS is its own. Printed: tokens/s (the
-median over steps of a step's non-padding tokens over its wall time: robust to other load on the
-machine), peak RSS, their ratios, and both loss curves (cross-entropy plus regularizer), which must
-agree up to float32 noise.
+The Trainer runs as one would run it for speed: no evaluation, no saving, no logging (its losses are
+kept from ``compute_loss``, detached, without a sync), dataloader workers 0. Both sides use 2 threads.
+
+Every run is its own process, one after another, so that peak RSS is its own. A step's time is the
+wall time from the end of the step before to the end of this one, on both sides: data loading and
+collation, forward, backward, clipping, the optimizer and whatever the loop records. Printed:
+tokens/s (the median over steps, after the first ``--warmup`` steps, of a step's non-padding tokens
+over its time: robust to other load on the machine; and the mean, all measured tokens over all their
+time), peak RSS, their ratios, and both loss curves (cross-entropy plus regularizer), which must agree
+up to float32 noise.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_svd(model: Path, data: Path, work: Path, method: str, steps: int, batch: int, absorb: bool = False) -> dict:
+def run_svd(model: Path, data: Path, work: Path, method: str, steps: int, batch: int, absorb: bool = True) -> dict:
     """``svd_serve.train.train``; its freshly created adapter is saved (outside the timed loop) for PEFT."""
     import svd_serve.train as t
 
@@ -68,8 +75,10 @@ def run_svd(model: Path, data: Path, work: Path, method: str, steps: int, batch:
                           targets=",".join(TARGETS), steps=steps, batch_size=batch, lr=LR, schedule="constant",
                           max_length=128, seed=SEED, absorb_frozen=absorb, progress=False))
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    return {"tokens": records[-1]["tokens"], "seconds": records[-1]["elapsed"],
-            "step_tok_s": [r["tokens_per_s"] for r in records],
+    ends = [0.0] + [r["elapsed"] for r in records]  # the loop's clock starts right before step 1
+    tokens = [0] + [r["tokens"] for r in records]
+    return {"step_tokens": [b - a for a, b in zip(tokens, tokens[1:])],
+            "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
             "losses": [r["loss"] + r.get("reg", 0.0) for r in records], "peak_rss_mb": peak_rss_mb()}
 
 
@@ -113,41 +122,40 @@ def run_peft(model_dir: Path, data: Path, work: Path, method: str, steps: int, b
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if kasa_layers:  # PEFT sums the regularizer over layers; svd-serve averages it
                 loss = loss + model.base_model._get_kasa_loss() / len(kasa_layers)
+            losses.append(loss.detach())
             return loss
 
     class Clock(TrainerCallback):
-        step_seconds: list[float] = []
-
         def on_train_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_begin(self, *a, **k):
-            self.step_start = time.perf_counter()
+            self.ends = [time.perf_counter()]
 
         def on_step_end(self, *a, **k):
-            self.step_seconds.append(time.perf_counter() - self.step_start)
-
-        def on_train_end(self, *a, **k):
-            self.seconds = time.perf_counter() - self.start
+            self.ends.append(time.perf_counter())
 
     args = TrainingArguments(output_dir=str(work / f"peft-{method}"), per_device_train_batch_size=batch,
                              max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
-                             max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
-                             remove_unused_columns=False)
-    clock = Clock()
+                             max_grad_norm=1.0, optim="adamw_torch_fused", logging_strategy="no",
+                             save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=SEED,
+                             disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
+    clock, losses = Clock(), []
     trainer = OrderedTrainer(model=model, args=args, train_dataset=dataset, callbacks=[clock],
                              data_collator=lambda b: collate(b, tokenizer.pad_token_id))
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    step_tokens = [sum(len(e.input_ids) for e in dataset[i * batch:(i + 1) * batch]) for i in range(steps)]
-    return {"tokens": sum(step_tokens), "seconds": clock.seconds, "losses": losses, "peak_rss_mb": peak_rss_mb(),
-            "step_tok_s": [n / t for n, t in zip(step_tokens, clock.step_seconds)]}
+    return {"step_tokens": [sum(len(e.input_ids) for e in dataset[i * batch:(i + 1) * batch]) for i in range(steps)],
+            "step_seconds": [b - a for a, b in zip(clock.ends, clock.ends[1:])],
+            "losses": [x.item() for x in losses], "peak_rss_mb": peak_rss_mb()}
+
+
+def throughput(run: dict, warmup: int) -> tuple[float, float]:
+    """Median and mean tokens/s over the steps after the first ``warmup``."""
+    tokens, seconds = run["step_tokens"][warmup:], run["step_seconds"][warmup:]
+    return statistics.median(n / t for n, t in zip(tokens, seconds)), sum(tokens) / sum(seconds)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5, help="First steps left out of the tokens/s figures.")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--methods", default="kasa,lora")
     p.add_argument("--worker", nargs=2, metavar=("RUNNER", "METHOD"), help=argparse.SUPPRESS)
@@ -160,7 +168,7 @@ def main() -> None:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         work = Path(a.work)
         runner, method = a.worker
-        fn = {"svd": run_svd, "svd-absorb": functools.partial(run_svd, absorb=True), "peft": run_peft}[runner]
+        fn = {"svd": run_svd, "svd-no-absorb": functools.partial(run_svd, absorb=False), "peft": run_peft}[runner]
         print(json.dumps(fn(work / "model", work / "data.jsonl", work, method, a.steps, a.batch_size)))
         return
 
@@ -174,13 +182,13 @@ def main() -> None:
             model / "model.safetensors").values())
         print(f"model: llama {MODEL}, {n_params / 1e6:.1f}M parameters, float32, CPU, "
               f"{min(2, os.cpu_count() or 1)} threads; rank {RANK} on {','.join(TARGETS)}; "
-              f"batch {a.batch_size}, {a.steps} steps\n")
-        print(f"{'method':22s} {'svd-serve tok/s':>16s} {'PEFT tok/s':>11s} {'ratio':>6s} "
+              f"batch {a.batch_size}, {a.steps} steps (tokens/s over steps {a.warmup + 1}-{a.steps})\n")
+        print(f"{'method':24s} {'svd-serve tok/s':>16s} {'PEFT tok/s':>11s} {'ratio':>6s} {'(mean)':>7s} "
               f"{'svd-serve RSS MB':>17s} {'PEFT RSS MB':>12s} {'ratio':>6s} {'max |Δ loss|':>13s}")
         curves = {}
         for method in a.methods.split(","):
             res = {}
-            runners = ["svd", "peft"] + (["svd-absorb"] if method != "lora" else [])
+            runners = ["svd", "peft"] + (["svd-no-absorb"] if method != "lora" else [])
             for runner in runners:  # svd first: it writes the initial adapter PEFT starts from
                 cmd = [sys.executable, __file__, "--worker", runner, method, "--work", str(work),
                        "--steps", str(a.steps), "--batch-size", str(a.batch_size)]
@@ -189,13 +197,13 @@ def main() -> None:
                     sys.exit(f"{runner} {method} failed:\n{proc.stderr[-3000:]}")
                 res[runner] = json.loads(proc.stdout.strip().splitlines()[-1])
             q = res["peft"]
-            tq = statistics.median(q["step_tok_s"])
+            tq, mq = throughput(q, a.warmup)
             for runner in [r for r in runners if r != "peft"]:
                 s = res[runner]
-                ts = statistics.median(s["step_tok_s"])
+                ts, ms = throughput(s, a.warmup)
                 gap = max(abs(x - y) for x, y in zip(s["losses"], q["losses"]))
-                label = method + (" --absorb-frozen" if runner == "svd-absorb" else "")
-                print(f"{label:22s} {ts:16.0f} {tq:11.0f} {ts / tq:6.2f} {s['peak_rss_mb']:17.0f} "
+                label = method + (" --no-absorb-frozen" if runner == "svd-no-absorb" else "")
+                print(f"{label:24s} {ts:16.0f} {tq:11.0f} {ts / tq:6.2f} {ms / mq:7.2f} {s['peak_rss_mb']:17.0f} "
                       f"{q['peak_rss_mb']:12.0f} {s['peak_rss_mb'] / q['peak_rss_mb']:6.2f} {gap:13.2e}")
             curves[method] = (res["svd"]["losses"], q["losses"])
         for method, (s, q) in curves.items():

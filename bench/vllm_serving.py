@@ -3,8 +3,9 @@ and 4 exported adapters mixed in one batch, as ratios to the base (float32, CPU 
 
     python bench/vllm_serving.py [--hidden 256 --layers 4 --rank 8 --requests 16 --tokens 64]
 
-Builds a small random Llama, four perturbed KaSA adapters on every linear layer, exports them with
-``svd-serve export --target vllm`` and folds the first one; everything lives in a temporary folder.
+Builds a small random Llama, four perturbed KaSA adapters on every linear layer and one plain LoRA of
+the KaSA adapters' exported rank (2r), exports them with ``svd-serve export --target vllm`` and folds
+the first KaSA adapter; everything lives in a temporary folder.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def make_models(tmp: Path, hidden: int, layers: int, rank: int, n_adapters: int)
     model = load_base(base)
     targets = resolve_targets(model, "all-linear")
     dirs = []
-    for i in range(n_adapters):
-        s = AdapterSet.create(model, "kasa", make_options("kasa", rank=rank), targets, progress=False)
+    # n_adapters KaSA adapters (exported at rank 2r), then one plain LoRA of rank 2r to compare with
+    specs = [("kasa", rank)] * n_adapters + [("lora", 2 * rank)]
+    for i, (method, r) in enumerate(specs):
+        s = AdapterSet.create(model, method, make_options(method, rank=r), targets, progress=False)
         with torch.no_grad():
             for p in s.parameters():
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn_like(p))
-        dirs.append(s.save(tmp / "adapters" / f"a{i}"))
+        dirs.append(s.save(tmp / "adapters" / (f"kasa{i}" if method == "kasa" else "lora")))
     export("vllm", base, dirs, tmp / "exp", verify=False)
     folded = fold(base, dirs[0], tmp / "folded")
     return base, folded, json.loads((tmp / "exp" / "serve.json").read_text())
@@ -77,6 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base, folded, serve = make_models(tmp, args.hidden, args.layers, args.rank, 4)
+        lora = serve["adapters"].pop("lora")
         prompts = [[(7 * i + j) % 300 + 6 for j in range(args.prompt_len)] for i in range(args.requests)]
         common = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20,
                       max_model_len=args.prompt_len + args.tokens, seed=0)
@@ -91,6 +95,10 @@ def main() -> None:
                   max_loras=serve["max_loras"], **common)
         reqs = [LoRARequest(n, i + 1, a["path"]) for i, (n, a) in enumerate(serve["adapters"].items())]
         results["base, LoRA enabled"] = throughput(llm, prompts, none, args.tokens)
+        plain = LoRARequest("lora", len(reqs) + 1, lora["path"])
+        results[f"1 plain LoRA r={lora['rank']}"] = throughput(llm, prompts, [plain] * args.requests, args.tokens)
+        results[f"1 KaSA, exported r={serve['adapters']['kasa0']['rank']}"] = throughput(
+            llm, prompts, [reqs[0]] * args.requests, args.tokens)
         for k in (1, 2, 4):
             loras = [reqs[i % k] for i in range(args.requests)]
             results[f"{k} adapter{'s' if k > 1 else ''} mixed"] = throughput(llm, prompts, loras, args.tokens)
@@ -100,7 +108,7 @@ def main() -> None:
     print(f"\nLlama hidden {args.hidden}, {args.layers} layers, rank {serve['max_lora_rank']} on every linear, "
           f"{args.requests} requests x {args.tokens} tokens")
     for name, tps in results.items():
-        print(f"{name:22s} {tps:9.1f} tok/s   {tps / results['base']:.2f} x base")
+        print(f"{name:26s} {tps:9.1f} tok/s   {tps / results['base']:.2f} x base")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import sys
 
 import click
 
+from .converters import TARGETS
 from .errors import SvdServeError
-from .methods import METHODS
 from .merge import METHODS as MERGE_METHODS
+from .methods import METHODS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,7 +58,7 @@ def methods_cmd():
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]),
               help="Base weights and autocast dtype; adapter parameters stay float32.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--absorb-frozen", is_flag=True,
+@click.option("--absorb-frozen/--no-absorb-frozen", default=True,
               help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
 @click.option("--seed", default=0, type=int)
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
@@ -96,7 +97,7 @@ def fold(base, adapter, out):
 
 
 @cli.command()
-@click.option("--target", required=True, type=click.Choice(["peft", "vllm", "onnx"]))
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)))
 @click.option("--base", required=True, type=click.Path())
 @click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
               help="svd-serve adapter directory (repeat for several).")
@@ -116,6 +117,8 @@ def export(target, base, adapters, out, max_rank, dtype, no_verify):
         line += "exact" if err == 0 else f"max relative error {err:.3e}"
         if "max_logit_gap" in entry:
             line += f", logits vs adapted model: max |Δ| {entry['max_logit_gap']:.2e}"
+        if "onnx_max_logit_gap" in entry:
+            line += f", ONNX Runtime ({entry['provider']}) vs adapted model: max |Δ| {entry['onnx_max_logit_gap']:.2e}"
         click.echo(line)
     for line in report.get("messages", []):
         click.echo(line)

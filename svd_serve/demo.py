@@ -11,6 +11,7 @@ model to retrieve facts it stored in pretraining, not to recite training data.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 64) -> flo
 
 
 def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "kasa", lr: float = 2e-3,
-         log=print) -> dict:
+         log=print, serve_check: bool = True) -> dict:
     """Run the demo into ``out``; returns the summary that is also written to ``out/summary.json``."""
     from transformers import AutoTokenizer
 
@@ -143,6 +144,18 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
         log(f"export {target:5s}: rank {entry['rank']} (bound {entry['bound']}), "
             f"{'exact' if err == 0 else f'rel. error {err:.1e}'}, logits vs adapted model: "
             f"max |Δ| {entry.get('max_logit_gap', float('nan')):.2e}  -> {report['out']}")
+        if "onnx_max_logit_gap" in entry:
+            log(f"             ONNX Runtime session ({entry['provider']}) vs adapted model: "
+                f"max |Δ logits| {entry['onnx_max_logit_gap']:.2e}")
+    if serve_check and "out" in exports.get("vllm", {}) and importlib.util.find_spec("vllm"):
+        from .verify import verify
+
+        log("serving the vLLM export with vLLM (float32, base and adapter in one batch) ...")
+        checks = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown], max_tokens=8)
+        exports["vllm"]["served"] = checks
+        for name, c in checks.items():
+            log(f"  vLLM {name:14s}: greedy tokens {'match' if c['tokens_match'] else 'DIFFER'}, "
+                f"max |Δ logprob| {c['max_logprob_gap']:.1e}")
 
     summary = {"base": str(base), "method": method, "steps": steps, "adapter": str(adapter),
                "accuracy_before": before, "accuracy_after": after, "eval_rows": len(test),

@@ -5,6 +5,8 @@ load base → targets → (calibrate) → init adapter (or resume a checkpoint) 
 tokens of the whole global batch + the method's regularizer → all-reduce gradients → clip → step
 → log, evaluate, checkpoint → the final adapter at ``out``.
 
+A micro-batch's examples are packed into fewer rows of the same width (positions restarting at 0
+for each) when a check at the start shows the model keeps them apart; otherwise they are padded.
 The data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
 uninterrupted run would have seen, and any split of a global batch into ranks × accumulation steps ×
 micro-batches gives the same update.
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet, make_options, parse_option_values
 from .calib import input_covariances
-from .data import IGNORE, collate, encode, pack, read_jsonl, split
+from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
 from .errors import SvdServeError
 from .io import atomic_dir, atomic_write_text
 from .methods import get_method
@@ -71,7 +73,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     dtype: str = "float32"  # float32 | bfloat16 (autocast; adapter parameters stay float32)
     gradient_checkpointing: bool = False
-    absorb_frozen: bool = False  # fold frozen low-rank terms into this run's private base copy (faster)
+    absorb_frozen: bool = True  # fold frozen low-rank terms into this run's private base copy (faster)
     seed: int = 0
     # records and checkpoints
     eval_every: int | None = None  # default: at every checkpoint and at the end
@@ -223,6 +225,10 @@ def train(cfg: TrainConfig) -> Path:
         _absorb_frozen(model, adapters)
     model.to(device)
     model.config.use_cache = False
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
+    make_batch = functools.partial(collate, pad_id=pad_id)
+    if _packing_is_exact(model, examples, pad_id, device, autocast):
+        make_batch = functools.partial(collate_packed, pad_id=pad_id)  # fewer rows, same loss
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in adapters.parameters() if p.requires_grad]
@@ -233,7 +239,6 @@ def train(cfg: TrainConfig) -> Path:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
 
     # resume state
     start, best, tokens_seen = 0, None, 0
@@ -259,7 +264,7 @@ def train(cfg: TrainConfig) -> Path:
         stats = torch.zeros(2, dtype=torch.float64, device=device)
         with torch.no_grad():
             for i in range(rank * cfg.batch_size, len(evals), world * cfg.batch_size):
-                batch = collate(evals[i:i + cfg.batch_size], pad_id)
+                batch = make_batch(evals[i:i + cfg.batch_size])
                 stats += torch.stack(_loss_sum(model, batch, device, autocast)).double()
         if ddp:
             dist.all_reduce(stats)
@@ -269,6 +274,7 @@ def train(cfg: TrainConfig) -> Path:
     # the loop
     model.train()
     run_start, run_tokens = time.perf_counter(), 0
+    n_targets_of = [e.n_targets for e in examples]
     bar = tqdm(total=total_steps, initial=start, desc=f"train {cfg.method}", disable=not (cfg.progress and master),
                dynamic_ncols=True)
     for step in range(start, total_steps):
@@ -277,12 +283,13 @@ def train(cfg: TrainConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch_ids = global_batch(step, len(examples), size, cfg.seed)
-        n_targets = max(1, sum(examples[i].n_targets for i in batch_ids))  # of the whole global batch
+        n_targets = max(1, sum(n_targets_of[i] for i in batch_ids))  # of the whole global batch
         step_tokens = sum(len(examples[i].input_ids) for i in batch_ids)
         ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+        reg = None
         for micro in range(cfg.grad_accum):
             first = (micro * world + rank) * cfg.batch_size
-            batch = collate([examples[i] for i in batch_ids[first:first + cfg.batch_size]], pad_id)
+            batch = make_batch([examples[i] for i in batch_ids[first:first + cfg.batch_size]])
             ce, _ = _loss_sum(model, batch, device, autocast)
             loss = ce / n_targets
             if micro == cfg.grad_accum - 1 and (reg := adapters.regularizer()) is not None:
@@ -296,7 +303,7 @@ def train(cfg: TrainConfig) -> Path:
             for g, p, chunk in zip(grads, params, flat[:-1].split([g.numel() for g in grads])):
                 p.grad = chunk.view_as(g)
             ce_sum = flat[-1].double()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True) if cfg.max_grad_norm
                      else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -305,13 +312,11 @@ def train(cfg: TrainConfig) -> Path:
         done = step + 1
         tokens_seen += step_tokens
         run_tokens += step_tokens
-        with torch.no_grad():
-            reg_value = adapters.regularizer()
         record = {"step": done, "loss": ce_sum.item() / n_targets, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens": tokens_seen, "tokens_per_s": step_tokens / (time.perf_counter() - t0),
                   "elapsed": time.perf_counter() - run_start}
-        if reg_value is not None:
-            record["reg"] = reg_value.item()
+        if reg is not None:  # at the parameters the loss was taken at
+            record["reg"] = reg.item()
         if not math.isfinite(record["loss"]):
             raise SvdServeError(f"the loss is {record['loss']} at step {done}; lower --lr or use float32 "
                                 f"(the last checkpoint, if any, is intact)")
@@ -356,7 +361,8 @@ def train(cfg: TrainConfig) -> Path:
 
 
 class _AbsorbedLinear(torch.nn.Module):
-    """``base'(x) + trainable(x)`` where ``base'.weight = W + B_f A_f`` absorbs the adapter's frozen term."""
+    """``base'(x) + trainable(x)`` where ``base'.weight = W + B_f A_f`` absorbs the adapter's frozen term
+    (if it has one); the sum is one ``addmm`` (no separate pass adding the two)."""
 
     def __init__(self, base: torch.nn.Linear, adapter):
         super().__init__()
@@ -368,33 +374,66 @@ class _AbsorbedLinear(torch.nn.Module):
 
     def forward(self, x):
         a, b = self.adapter.trainable_factors()
-        return self.base(x) + F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)
+        y, xa = self.base(x), F.linear(x, a)  # (in bfloat16 runs autocast casts a and b)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t()).view_as(y)
 
 
 @torch.no_grad()
 def _absorb_frozen(model, adapters: AdapterSet) -> None:
-    """Training-time fast path: one low-rank product fewer per layer. It changes only this run's own
-    copy of the base weights; the adapter, its frozen buffers and ``delta()`` stay as they are."""
+    """Training-time fast path: every adapted layer an :class:`_AbsorbedLinear` (one low-rank product
+    fewer where the method has a frozen term, one pass fewer everywhere). It changes only this run's
+    own copy of the base weights; the adapter, its frozen buffers and ``delta()`` stay as they are."""
     from .model import AdaptedLinear, set_module
 
     for name, layer in adapters.items():
         frozen = layer.frozen_factors()
         mod = model.get_submodule(name)
-        if frozen is None or not isinstance(mod, AdaptedLinear):
+        if not isinstance(mod, AdaptedLinear):
             continue
-        w = mod.base.weight
-        w.copy_((w.float() + frozen[1].float() @ frozen[0].float()).to(w.dtype))
+        if frozen is not None:
+            w = mod.base.weight
+            w.copy_((w.float() + frozen[1].float() @ frozen[0].float()).to(w.dtype))
         set_module(model, name, _AbsorbedLinear(mod.base, layer))
 
 
 def _loss_sum(model, batch, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ cross-entropy over target tokens (float32) and their count."""
-    with autocast():
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+    """Σ cross-entropy over target tokens (float32, at the target positions only) and their count.
+    A :func:`collate_packed` batch has position ids and no attention mask (and must have no cache:
+    one would hide the boundaries between its examples)."""
+    logits = _logits(model, batch, device, autocast)
     labels = batch["labels"][:, 1:].to(device)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return ce, (labels != IGNORE).sum()
+    targets = labels != IGNORE
+    ce = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="sum")
+    return ce, targets.sum()
+
+
+def _logits(model, batch, device, autocast) -> torch.Tensor:
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with autocast():
+        return model(**inputs, use_cache=False).logits
+
+
+@torch.no_grad()
+def _packing_is_exact(model, examples, pad_id, device, autocast) -> bool:
+    """Whether this model keeps the examples of a :func:`collate_packed` row apart (transformers finds
+    them from the restarting position ids): a long example's second half, packed after its first
+    half, must get the logits it gets alone."""
+    ids = max((e.input_ids for e in examples[:64]), key=len)
+    h = len(ids) // 2
+    if h < 2:
+        return False
+    rows = [Example(ids, ids), Example(ids[:h], ids[:h]), Example(ids[h:2 * h], ids[h:2 * h])]
+    was_training = model.training
+    model.eval()
+    try:
+        packed = _logits(model, collate_packed(rows, pad_id), device, autocast)[1, h:2 * h].float()
+        alone = _logits(model, collate(rows, pad_id), device, autocast)[2, :h].float()
+    except (TypeError, ValueError, RuntimeError):  # e.g. a model without position_ids
+        return False
+    finally:
+        model.train(was_training)
+    tol = 1e-4 if autocast is nullcontext else 2e-2
+    return bool((packed - alone).abs().max() <= tol * alone.abs().max())
 
 
 # --- checks, checkpoints, records ------------------------------------------------------------------

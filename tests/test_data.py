@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from svd_serve.data import IGNORE, Example, collate, encode, pack, read_jsonl, split
+from svd_serve.data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
 from svd_serve.errors import SvdServeError
 
 
@@ -86,6 +86,18 @@ def test_collate_pads_right_with_no_loss():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"].tolist() == [[1, 2, 3], [4, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collate_packed_fills_rows_first_fit_longest_first():
+    batch = collate_packed([Example([1, 2], [1, 2]), Example([3, 4, 5], [3, IGNORE, 5]), Example([6], [6])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[3, 4, 5], [1, 2, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 5], [IGNORE, 2, IGNORE]]  # no first token is a target
+    assert "attention_mask" not in batch
+    padded = collate_packed([Example([1, 2, 3], [1, 2, 3]), Example([4], [4])], pad_id=0)
+    assert padded["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert padded["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]  # the padding is a sequence of its own
+    assert padded["labels"].tolist() == [[IGNORE, 2, 3], [IGNORE, IGNORE, IGNORE]]
 
 
 def test_split_is_seeded_and_disjoint():

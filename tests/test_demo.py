@@ -32,7 +32,7 @@ def test_embedded_base_recalls_its_facts():
 def test_reduced_demo(tmp_path, run_cli):
     lines = []
     out = tmp_path / "demo"
-    summary = demo(out, steps=3, log=lines.append)
+    summary = demo(out, steps=3, log=lines.append, serve_check=False)  # vLLM serving: tests/test_vllm.py
     text = "\n".join(lines)
     assert "before" in text and "after" in text and "folded checkpoint" in text
     assert json.loads((out / "summary.json").read_text()) == summary
