@@ -12,6 +12,10 @@ the exported adapters' modules. Its LoRA MatMul weights are then turned into opt
   (a shared symbol makes ORT's buffer reuse fail on mixed shapes).
 
 A module an adapter does not cover has no entry in its file; the zero-rank default applies.
+The builder splits Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` into separate MatMuls; their parts
+share the module's A input and take their column blocks of its B input through one ``Split`` node, so
+the adapter file still holds one A and one B per HF module. Only the architectures in
+``ARCHITECTURES`` (each checked exact against the adapted HF model in the tests) are exported.
 ``OUT/manifest.json`` records the base fingerprint, the graph's LoRA modules and every adapter;
 each adapter also has a ``<name>.json`` beside it, so that :func:`check_adapter` can refuse a file
 exported for another base or carrying a module the graph lacks.
@@ -48,6 +52,34 @@ def lora_names(module: str) -> tuple[str, str]:
 def builder_name(module: str) -> str:
     """The builder's name for an HF module: ``model.layers.0.self_attn.q_proj`` → ``...attn.q_proj``."""
     return module.replace(".self_attn.", ".attn.")
+
+
+# HF architectures whose export is checked exact (tests/test_onnx_archs.py)
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "GemmaForCausalLM", "Phi3ForCausalLM")
+# fused HF projections the builder splits into one MatMul per block of output rows, in row order
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def builder_parts(module: str) -> list[str]:
+    """The builder's MatMuls for an HF module: one, or one per part of a fused projection."""
+    parent, leaf = builder_name(module).rsplit(".", 1)
+    return [f"{parent}.{part}" for part in FUSED.get(leaf, (leaf,))]
+
+
+def check_architecture(architecture: str, config) -> None:
+    """Refuse, before anything is built, a base this target cannot export exactly."""
+    if architecture not in ARCHITECTURES:
+        raise SvdServeError(f"--target onnx does not support {architecture}; supported: {', '.join(ARCHITECTURES)}")
+    if architecture != "Phi3ForCausalLM":
+        return
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if (rope.get("rope_type", rope.get("type")) != "longrope"
+            and config.max_position_embeddings != config.original_max_position_embeddings):
+        # the builder takes any such Phi-3 for a LongRoPE model and fails without its factors
+        raise SvdServeError(f"--target onnx cannot export {architecture} with max_position_embeddings "
+                            f"{config.max_position_embeddings} != original_max_position_embeddings "
+                            f"{config.original_max_position_embeddings} and no longrope scaling")
 
 
 def cuda_available() -> bool:
@@ -97,14 +129,28 @@ def extract_lora_inputs(model_file: Path, modules: dict[str, tuple[int, int]], n
     inits = {t.name: t for t in graph.initializer}
     rename = {}
     for module, (n_in, n_out) in modules.items():
-        for old, new in zip((f"{builder_name(module)}.lora_A.MatMul.weight",
-                             f"{builder_name(module)}.lora_B.MatMul.weight"), lora_names(module)):
-            if old not in inits:
-                raise SvdServeError(f"the model builder wrote no LoRA for module {module}; "
-                                    f"exporting it to ONNX is not supported for this architecture")
-            graph.initializer.remove(inits[old])
-            rename[old] = new
         a_name, b_name = lora_names(module)
+        parts = builder_parts(module)
+        a_old = [f"{p}.lora_A.MatMul.weight" for p in parts]
+        b_old = [f"{p}.lora_B.MatMul.weight" for p in parts]
+        if any(old not in inits for old in a_old + b_old):
+            raise SvdServeError(f"the model builder wrote no LoRA for module {module}; "
+                                f"exporting it to ONNX is not supported for this architecture")
+        sizes = [inits[old].dims[1] for old in b_old]
+        if sum(sizes) != n_out:
+            raise SvdServeError(f"the model builder split module {module} into {sizes} outputs, not {n_out}")
+        for old in a_old + b_old:
+            graph.initializer.remove(inits[old])
+        rename.update({old: a_name for old in a_old})
+        if len(parts) == 1:
+            rename[b_old[0]] = b_name
+        else:  # each part's B is a block of columns of the module's B [r, out]
+            split = f"{b_name}.split"
+            outputs = [f"{b_name}.{p.rsplit('.', 1)[1]}" for p in parts]
+            graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), split))
+            graph.node.insert(0, helper.make_node("Split", [b_name, split], outputs, axis=1,
+                                                  name=f"/{builder_name(module)}/lora_B/Split"))
+            rename.update(zip(b_old, outputs))
         rank = f"r.{module}"
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(np_dtype))
         graph.input.append(helper.make_tensor_value_info(a_name, elem, [n_in, rank]))
@@ -162,6 +208,7 @@ def export(job: ExportJob, out: Path) -> dict:
     order = {m: i for i, m in enumerate(job.linear_modules)}
     union = sorted({m for a in job.adapters for m in a.A}, key=order.__getitem__)
     model = load_base(job.base)
+    check_architecture(job.architecture, model.config)
     fp = fingerprint(model, job.linear_modules)
     shapes = {m: tuple(reversed(model.get_submodule(m).weight.shape)) for m in union}  # (in, out)
 
