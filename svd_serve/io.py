@@ -19,13 +19,14 @@ def atomic_dir(out: str | Path):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SvdServeError(f"cannot create {out.parent}: {e.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise SvdServeError(f"output directory {out.parent} is not writable")
     if out.exists() and not out.is_dir():
         raise SvdServeError(f"{out} exists and is not a directory")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise SvdServeError(f"output directory {out.parent} is not writable ({e.strerror or e})") from None
     try:
         yield tmp
     except BaseException:

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -470,8 +471,10 @@ def _check_writable(out: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise SvdServeError(f"cannot create output directory {out}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK):
-        raise SvdServeError(f"output directory {existing} is not writable")
+    try:  # a real probe: os.access says yes to root everywhere, /proc and read-only mounts included
+        tempfile.TemporaryDirectory(dir=existing, prefix=".svd-serve-probe-").cleanup()
+    except OSError as e:
+        raise SvdServeError(f"output directory {existing} is not writable ({e.strerror or e})") from None
 
 
 def save_checkpoint(out: Path, step: int, adapters: AdapterSet, state: dict, keep: int) -> Path:
