@@ -70,29 +70,39 @@ class LowRank:
     rel_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F after truncation (0.0 when exact)
 
 
-def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> LowRank:
-    """Rewrite ``ΔW = b @ a`` (``a [r, n]``, ``b [m, r]``) in its smallest exact rank.
+def factored_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of ``b @ a`` (``a [r, n]``, ``b [m, r]``) in float64, all r values.
 
     QR of both factors and an SVD of the small ``r x r`` core: ``b = Qb Rb``, ``aᵀ = Qa Ra``,
-    ``Rb Raᵀ = Uc S Vcᵀ``, so ``ΔW = (Qb Uc) S (Qa Vc)ᵀ``, never forming the ``m x n`` product.
-    Singular values below ``rtol * S[0]`` are zero to working precision (the inputs are float32;
-    1e-6 sits a decade above float32 rounding). With ``max_rank`` the best rank-``max_rank``
+    ``Rb Raᵀ = Uc S Vcᵀ``, so ``b @ a = (Qb Uc) S (Qa Vc)ᵀ``, never forming the ``m x n`` product.
+    """
+    qb, rb = torch.linalg.qr(b.detach().double())
+    qa, ra = torch.linalg.qr(a.detach().double().T)
+    uc, s, vch = torch.linalg.svd(rb @ ra.T)
+    return qb @ uc, s, vch @ qa.T
+
+
+def exact_rank(s: Tensor, rtol: float = 1e-6) -> int:
+    """How many singular values are above ``rtol * S[0]``: the rest are zero to working precision
+    (the factors are float32; 1e-6 sits a decade above float32 rounding)."""
+    return int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+
+
+def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> LowRank:
+    """Rewrite ``ΔW = b @ a`` (``a [r, n]``, ``b [m, r]``) in its smallest exact rank
+    (:func:`factored_svd`, :func:`exact_rank`). With ``max_rank`` the best rank-``max_rank``
     approximation (Eckart–Young) is returned with its relative Frobenius error.
     The result is balanced: ``A = √S Vᵀ``, ``B = U √S``, float32.
     """
-    a64, b64 = a.detach().double(), b.detach().double()
-    qb, rb = torch.linalg.qr(b64)
-    qa, ra = torch.linalg.qr(a64.T)
-    uc, s, vch = torch.linalg.svd(rb @ ra.T)
-    smax = float(s[0]) if s.numel() else 0.0
-    exact = int((s > rtol * smax).sum()) if smax > 0 else 0
+    u, s, vh = factored_svd(a, b)
+    exact = exact_rank(s, rtol)
     keep = exact if max_rank is None else min(exact, max_rank)
     total = float(s.square().sum())
     # only components dropped by max_rank count: the ones below rtol are zero, so exact means 0.0
     err = float(s[keep:exact].square().sum() / total) ** 0.5 if total > 0 else 0.0
     keep_nz = max(keep, 1)  # a zero delta is written as one zero component, never as rank 0
     root = s[:keep_nz].sqrt() if keep > 0 else torch.zeros(1, dtype=s.dtype)
-    new_b = (qb @ uc[:, :keep_nz]) * root
-    new_a = root[:, None] * (vch[:keep_nz] @ qa.T)
+    new_b = u[:, :keep_nz] * root
+    new_a = root[:, None] * vh[:keep_nz]
     return LowRank(A=new_a.float().contiguous(), B=new_b.float().contiguous(),
                    sigma=s.float(), rank=keep, rel_error=err)

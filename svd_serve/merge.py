@@ -24,7 +24,7 @@ from .adapter import AdapterConfig, AdapterSet
 from .errors import SvdServeError
 from .fold import copy_tokenizer_files
 from .io import atomic_dir
-from .linalg import LowRank, compress
+from .linalg import LowRank, compress, exact_rank, factored_svd
 from .methods.delta import Delta
 from .model import fingerprint, linear_names, load_base
 
@@ -58,11 +58,9 @@ def from_dense(d: Tensor) -> Factors:
 
 def factor_svd(a: Tensor, b: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``U S Vh`` of ``b @ a`` (float64, exact rank) without forming the product."""
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().T)
-    uc, s, vch = torch.linalg.svd(rb @ ra.T)
-    keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-    return qb @ uc[:, :keep], s[:keep], vch[:keep] @ qa.T
+    u, s, vh = factored_svd(a, b)
+    keep = exact_rank(s, rtol)
+    return u[:, :keep], s[:keep], vh[:keep]
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
