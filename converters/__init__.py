@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -39,6 +39,7 @@ class ExportJob:
     architecture: str
     model_type: str
     options: dict = field(default_factory=dict)  # target-specific options from the CLI
+    model: Any = None  # the base model (float32) when the caller has it loaded already
 
 
 # target name -> "module:function"; modules are imported only when their target is used

@@ -207,7 +207,7 @@ def export(job: ExportJob, out: Path) -> dict:
     provider = "cuda" if dtype == "float16" or cuda_available() else "cpu"
     order = {m: i for i, m in enumerate(job.linear_modules)}
     union = sorted({m for a in job.adapters for m in a.A}, key=order.__getitem__)
-    model = load_base(job.base)
+    model = job.model if job.model is not None else load_base(job.base)
     check_architecture(job.architecture, model.config)
     fp = fingerprint(model, job.linear_modules)
     shapes = {m: tuple(reversed(model.get_submodule(m).weight.shape)) for m in union}  # (in, out)
@@ -251,14 +251,14 @@ def smoke_check(onnx_dir: Path, model, adapters: list[ExportedAdapter], provider
     (base + B A on each covered module) and the provider ORT actually used."""
     import onnxruntime as ort
 
-    from svd_serve.model import attach, detach
+    from svd_serve.model import LowRankDelta, attach, detach
 
     sess = ort.InferenceSession(str(onnx_dir / MODEL), session_options(), providers=providers(provider))
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     feed = prefill_feed(onnx_dir, sess, ids.numpy())
     out = {}
     for adapter in adapters:
-        attach(model, {m: _Delta(adapter.A[m], adapter.B[m]) for m in adapter.A})
+        attach(model, {m: LowRankDelta(adapter.A[m], adapter.B[m]) for m in adapter.A})
         try:
             ref = model(input_ids=ids).logits.float().numpy()
         finally:
@@ -271,15 +271,6 @@ def smoke_check(onnx_dir: Path, model, adapters: list[ExportedAdapter], provider
         out[adapter.name] = {"onnx_max_logit_gap": float(np.abs(logits - ref).max()),
                              "provider": sess.get_providers()[0]}
     return out
-
-
-class _Delta(torch.nn.Module):
-    def __init__(self, a, b):
-        super().__init__()
-        self.a, self.b = a, b
-
-    def forward(self, x):
-        return (x @ self.a.T.to(x.dtype)) @ self.b.T.to(x.dtype)
 
 
 # --- serving helpers ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .errors import SvdServeError
 from .io import atomic_dir
 from .linalg import LowRank, compress
 from .methods import Adapter, get_method
-from .model import AdaptedLinear, attach, detach, fingerprint
+from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
 
 CONFIG_NAME = "svd_adapter.json"
 WEIGHTS_NAME = "svd_adapter.safetensors"
@@ -200,8 +200,7 @@ class AdapterSet(nn.Module):
         for name, layer in self.items():
             mod = model.get_submodule(name)
             w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight
-            a, b = layer.delta()
-            w.copy_((w.float() + b.to(w.device) @ a.to(w.device)).to(w.dtype))
+            add_low_rank_(w, *layer.delta())
 
     def save(self, path: str | Path) -> Path:
         tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()

@@ -6,25 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from .adapter import AdapterSet
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
-from .model import linear_names, load_base
-
-
-class LowRankDelta(nn.Module):
-    """``x ↦ B (A x)``: how any LoRA runtime applies an exported adapter (scale already in B)."""
-
-    def __init__(self, a: Tensor, b: Tensor):
-        super().__init__()
-        self.register_buffer("A", a)
-        self.register_buffer("B", b)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x.to(self.A.dtype), self.A), self.B).to(x.dtype)
+from .model import LowRankDelta, linear_names, load_base
 
 
 def to_exported(name: str, path: Path, adapters: AdapterSet, max_rank: int | None) -> ExportedAdapter:
@@ -69,7 +56,7 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     exported = [to_exported(n, Path(p), s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(model),
                     architecture=type(model).__name__, model_type=model.config.model_type,
-                    options=options)
+                    options=options, model=model)
     written = dict(convert(job, Path(out)))
     messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
     report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}

@@ -26,7 +26,7 @@ from .fold import copy_tokenizer_files
 from .io import atomic_dir
 from .linalg import LowRank, compress, exact_rank, factored_svd
 from .methods.delta import Delta
-from .model import fingerprint, linear_names, load_base
+from .model import add_low_rank_, fingerprint, linear_names, load_base
 
 Factors = tuple[Tensor, Tensor]  # (A [r, n], B [m, r]) with ΔW = B @ A
 
@@ -201,12 +201,6 @@ def delta_adapter(model: nn.Module, factors: dict[str, Factors], base_model: str
     return adapters
 
 
-@torch.no_grad()
-def add_delta(model: nn.Module, name: str, f: Factors) -> None:
-    w = model.get_submodule(name).weight
-    w.copy_((w.float() + dense(f)).to(w.dtype))
-
-
 # --- the command -----------------------------------------------------------------------------------
 def check_args(method: str, adapter_dirs: list, weights: list[float] | None, density: float,
                fold: bool, rank: int | None, shared: str) -> list[float]:
@@ -266,7 +260,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     report: dict = {"method": method, "modules": len(modules), "out": str(out)}
     if fold:
         for name, f in merged.items():
-            add_delta(model, name, f)
+            add_low_rank_(model.get_submodule(name).weight, *f)
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
             copy_tokenizer_files(Path(base), tmp)
@@ -285,7 +279,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         for t, d in enumerate(all_deltas):
             a, b = (d[name].A, d[name].B) if name in d else (torch.zeros(1, n), torch.zeros(m, 1))
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
-        add_delta(model, name, (sa, sb))
+        add_low_rank_(model.get_submodule(name).weight, sa, sb)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "base")
         copy_tokenizer_files(Path(base), tmp / "base")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SvdServeError
@@ -98,6 +99,24 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.adapter(x)
+
+
+class LowRankDelta(nn.Module):
+    """``x ↦ B (A x)``: how any LoRA runtime applies an exported adapter (scale already in B)."""
+
+    def __init__(self, a: Tensor, b: Tensor):
+        super().__init__()
+        self.register_buffer("A", a)
+        self.register_buffer("B", b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x.to(self.A.dtype), self.A), self.B).to(x.dtype)
+
+
+@torch.no_grad()
+def add_low_rank_(weight: Tensor, a: Tensor, b: Tensor) -> None:
+    """``W ← W + B A`` in place, computed in float32 and stored in the weight's dtype."""
+    weight.copy_((weight.float() + b.to(weight.device).float() @ a.to(weight.device).float()).to(weight.dtype))
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

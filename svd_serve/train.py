@@ -384,7 +384,7 @@ def _absorb_frozen(model, adapters: AdapterSet) -> None:
     """Training-time fast path: every adapted layer an :class:`_AbsorbedLinear` (one low-rank product
     fewer where the method has a frozen term, one pass fewer everywhere). It changes only this run's
     own copy of the base weights; the adapter, its frozen buffers and ``delta()`` stay as they are."""
-    from .model import AdaptedLinear, set_module
+    from .model import AdaptedLinear, add_low_rank_, set_module
 
     for name, layer in adapters.items():
         frozen = layer.frozen_factors()
@@ -392,8 +392,7 @@ def _absorb_frozen(model, adapters: AdapterSet) -> None:
         if not isinstance(mod, AdaptedLinear):
             continue
         if frozen is not None:
-            w = mod.base.weight
-            w.copy_((w.float() + frozen[1].float() @ frozen[0].float()).to(w.dtype))
+            add_low_rank_(mod.base.weight, *frozen)
         set_module(model, name, _AbsorbedLinear(mod.base, layer))
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import SvdServeError
-from .model import load_base
+from .model import LowRankDelta, attach, detach, load_base
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "Question: what is two plus two? Answer:"]
 BASE = "(base)"
@@ -27,20 +27,15 @@ def read_export(export_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-@torch.no_grad()
-def apply_lora(model: torch.nn.Module, lora_dir: str | Path) -> None:
-    """``W ← W + scale · B A`` for every module of a PEFT LoRA directory, in float32."""
+def lora_deltas(lora_dir: str | Path) -> dict[str, LowRankDelta]:
+    """``scale · B A`` per module of a PEFT LoRA directory, as modules :func:`attach` takes."""
     cfg = json.loads((Path(lora_dir) / "adapter_config.json").read_text())
     r = cfg["r"]
     scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
     tensors = load_file(Path(lora_dir) / "adapter_model.safetensors")
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        w = model.get_submodule(name).weight
-        w.add_((scale * b.float() @ a.float()).to(w.dtype))
+    return {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"):
+            LowRankDelta(a.float(), scale * tensors[key.replace(".lora_A.", ".lora_B.")].float())
+            for key, a in tensors.items() if key.endswith(".lora_A.weight")}
 
 
 @torch.no_grad()
@@ -108,10 +103,12 @@ def verify(target: str, base: str | Path, export_dir: str | Path, prompts: list[
     prompt_ids = [tokenizer(p)["input_ids"] for p in (prompts or PROMPTS)]
     got = run_vllm(str(Path(base).resolve()), serve, prompt_ids, max_tokens, kv_cache_mib)
     report = {}
+    model = load_base(base)
     for name in [BASE, *serve["adapters"]]:
-        model = load_base(base)
-        if name != BASE:
-            apply_lora(model, serve["adapters"][name]["path"])
-        ref = [greedy(model, ids, max_tokens) for ids in prompt_ids]
+        attach(model, lora_deltas(serve["adapters"][name]["path"]) if name != BASE else {})
+        try:
+            ref = [greedy(model, ids, max_tokens) for ids in prompt_ids]
+        finally:
+            detach(model)
         report[name] = {**compare(ref, got[name], tol), "tokens": [t for t, _ in got[name]]}
     return report
