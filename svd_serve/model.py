@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -138,18 +139,36 @@ def detach(model: nn.Module) -> None:
             set_module(model, name, module.base)
 
 
+FINGERPRINT_SAMPLE = 16384  # values per weight
+
+
+def fingerprint_stride(numel: int) -> int:
+    return max(1, numel // FINGERPRINT_SAMPLE)
+
+
+def fingerprint_digest(samples: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
+    """The digest of ``(name, shape, weight.reshape(-1)[::fingerprint_stride(numel)])`` in name order,
+    each sample rounded to bfloat16 (through float32, as a float32-loaded model would be)."""
+    h = hashlib.sha256()
+    for name, shape, sample in samples:
+        h.update(f"{name}:{tuple(shape)}".encode())
+        h.update(sample.detach().float().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def fingerprint(model: nn.Module, names: list[str]) -> str:
     """A digest of the named modules' base weights: names, shapes and a strided sample of up to
     16384 values per weight, rounded to bfloat16 so that the same checkpoint loaded in float32 or
     bfloat16 gives the same digest. Any fine-tune, truncation or re-init of the base changes it,
-    and it costs milliseconds on a 7B model."""
-    h = hashlib.sha256()
+    and it costs milliseconds on a 7B model. :meth:`svd_serve.checkpoint.Checkpoint.fingerprint`
+    computes the same digest from the files, reading only the samples."""
     modules = dict(model.named_modules())
-    for name in sorted(names):
-        mod = modules[name]
-        w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
-        flat = w.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 16384)].to(torch.bfloat16).float().cpu()
-        h.update(f"{name}:{tuple(w.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+
+    def samples():
+        for name in sorted(names):
+            mod = modules[name]
+            w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
+            flat = w.reshape(-1)
+            yield name, tuple(w.shape), flat[:: fingerprint_stride(flat.numel())]
+
+    return fingerprint_digest(samples())
