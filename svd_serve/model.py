@@ -29,15 +29,51 @@ def check_base_dir(path: str | Path) -> Path:
 
 
 def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype)."""
+    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype).
+
+    A safetensors checkpoint stored in another dtype is converted tensor by tensor (each read into
+    memory of its own, converted, and kept as the parameter itself), so that loading never holds
+    the checkpoint's dtype and ``dtype`` side by side: the memory map transformers reads through
+    would keep every page of the stored weights in the process's RSS until the end of the load."""
     from transformers import AutoModelForCausalLM
 
     path = check_base_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        state = _converted_state(path, dtype)
+        if state is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            from transformers import AutoConfig, GenerationConfig
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            config = AutoConfig.from_pretrained(path)
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            model = cls.from_pretrained(None, config=config, dtype=dtype, state_dict=state)
+            del state
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] | None:
+    """The checkpoint's tensors with floating ones in ``dtype``, or None when no conversion is
+    needed (or the weights are not safetensors)."""
+    from .checkpoint import DTYPES, Checkpoint
+
+    if not isinstance(dtype, torch.dtype):
+        return None
+    ckpt = Checkpoint(path)
+    stored = {DTYPES[i.dtype] for i in ckpt.tensors.values() if DTYPES[i.dtype].is_floating_point}
+    if not ckpt.is_safetensors or stored <= {dtype}:
+        return None
+    state = {}
+    for name in ckpt.tensors:
+        tensor = ckpt.read(name)
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        del tensor
+    return state
 
 
 def linear_names(model: nn.Module) -> list[str]:
