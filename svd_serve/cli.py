@@ -89,11 +89,13 @@ def train(ctx, config_file, **given):
 @click.option("--base", required=True, type=click.Path(), help="The base the adapter was trained on.")
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF checkpoint directory.")
-def fold(base, adapter, out):
-    """Fold an adapter into the base: a standalone HF checkpoint in the base's dtype."""
+@click.option("--max-shard-size", help="Shard the output at this size, e.g. 5GB (default: the base's shards).")
+def fold(base, adapter, out, max_shard_size):
+    """Fold an adapter into the base: a standalone HF checkpoint in the base's dtype, written one
+    tensor at a time."""
     from .fold import fold as run
 
-    click.echo(f"folded checkpoint written to {run(base, adapter, out)}")
+    click.echo(f"folded checkpoint written to {run(base, adapter, out, max_shard_size)}")
 
 
 @cli.command()
@@ -104,17 +106,24 @@ def fold(base, adapter, out):
 @click.option("--out", required=True, type=click.Path())
 @click.option("--max-rank", type=int, help="Best rank-K approximation instead of the exact rank (error reported).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="ONNX graph dtype.")
-@click.option("--no-verify", is_flag=True, help="Skip the numerical check of the written adapter.")
-def export(target, base, adapters, out, max_rank, dtype, no_verify):
+@click.option("--no-verify", is_flag=True, help="Skip the numerical checks of the written adapter.")
+@click.option("--check-logits/--no-check-logits", default=None,
+              help="Also compare logits of the float32 base with the written factors and the adapted "
+                   "model (loads the model; default: on for checkpoints up to 256 MiB).")
+def export(target, base, adapters, out, max_rank, dtype, no_verify, check_logits):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
-    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify, **extra)
+    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify,
+                 check_logits=check_logits, **extra)
     for name, entry in report["adapters"].items():
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
         line += "exact" if err == 0 else f"max relative error {err:.3e}"
+        if "max_factor_error" in entry:
+            line += (f", check: ‖ΔW − B'A'‖/‖ΔW‖ ≤ {entry['max_factor_error']:.1e}, "
+                     f"outputs ≤ {entry['max_output_error']:.1e}")
         if "max_logit_gap" in entry:
             line += f", logits vs adapted model: max |Δ| {entry['max_logit_gap']:.2e}"
         if "onnx_max_logit_gap" in entry:
@@ -185,7 +194,8 @@ def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, jso
 @click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
 @click.option("--rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
 @click.option("--out", required=True, type=click.Path())
-def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out):
+@click.option("--max-shard-size", help="--fold/twin: shard the checkpoint at this size, e.g. 5GB (default: the base's shards).")
+def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out, max_shard_size):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME."""
     from .merge import merge as run
@@ -196,7 +206,7 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, ran
         except ValueError:
             raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
-                 seed=seed, fold=fold, rank=rank, shared=shared)
+                 seed=seed, fold=fold, rank=rank, shared=shared, max_shard_size=max_shard_size)
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
     for name, entry in report.get("adapters", {}).items():

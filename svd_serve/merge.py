@@ -12,21 +12,19 @@ dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS pap
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .adapter import AdapterConfig, AdapterSet
+from .adapter import AdapterSet, delta_adapter
+from .checkpoint import Checkpoint, parse_size, write_folded
 from .errors import SvdServeError
-from .fold import copy_tokenizer_files
 from .io import atomic_dir
-from .linalg import LowRank, compress, exact_rank, factored_svd
-from .methods.delta import Delta
-from .model import add_low_rank_, fingerprint, linear_names, load_base
+from .linalg import compress, exact_rank, factored_svd
+from .model import linear_names
 
 Factors = tuple[Tensor, Tensor]  # (A [r, n], B [m, r]) with ΔW = B @ A
 
@@ -54,13 +52,6 @@ def from_dense(d: Tensor) -> Factors:
     """A dense ``[m, n]`` ΔW as factors ``(I, D)`` or ``(D, I)``, whichever is smaller."""
     m, n = d.shape
     return (torch.eye(n), d) if n <= m else (d, torch.eye(m))
-
-
-def factor_svd(a: Tensor, b: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``U S Vh`` of ``b @ a`` (float64, exact rank) without forming the product."""
-    u, s, vh = factored_svd(a, b)
-    keep = exact_rank(s, rtol)
-    return u[:, :keep], s[:keep], vh[:keep]
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
@@ -135,10 +126,11 @@ def tsv(deltas: list[Factors], p: MergeParams) -> Factors:
     keep = max(1, min(deltas[0][1].shape[0], deltas[0][0].shape[1]) // len(deltas))
     us, ss, vhs = [], [], []
     for (a, b), w in zip(deltas, p.weights):
-        u, s, vh = factor_svd(a, b * w)
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vhs.append(vh[:keep])
+        u, s, vh = factored_svd(a, b * w)
+        k = min(keep, exact_rank(s))
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
     u_c, s_c, v_c = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs).T
     if not s_c.numel():
         return deltas[0][0][:1] * 0, deltas[0][1][:, :1] * 0
@@ -157,7 +149,9 @@ def knots(deltas: list[Factors], p: MergeParams) -> Factors:
     ``[B_1 … B_T] · blockdiag(A_1 … A_T)``), TIES (``--density``, weights) over the per-task
     coefficients ``S V_tᵀ`` in the shared basis U, ``ΔW = λ U · merged``."""
     n = deltas[0][0].shape[1]
-    u, s, vh = factor_svd(torch.block_diag(*[a for a, _ in deltas]), torch.cat([b for _, b in deltas], 1))
+    u, s, vh = factored_svd(torch.block_diag(*[a for a, _ in deltas]), torch.cat([b for _, b in deltas], 1))
+    k = exact_rank(s)
+    u, s, vh = u[:, :k], s[:k], vh[:k]
     if not s.numel():
         return deltas[0][0][:1] * 0, deltas[0][1][:, :1] * 0
     coeffs = [(s[:, None] * vh[:, t * n:(t + 1) * n]).float() for t in range(len(deltas))]
@@ -175,30 +169,6 @@ MERGES: dict[str, Callable[[list[Factors], MergeParams], Factors]] = {
     "knots": knots,
 }
 METHODS = [*MERGES, "twin"]
-
-
-# --- native output ---------------------------------------------------------------------------------
-def delta_adapter(model: nn.Module, factors: dict[str, Factors], base_model: str = "",
-                  target_spec: str = "") -> AdapterSet:
-    """A native ``delta`` adapter holding ``ΔW = B A`` per module (zero-padded to one rank),
-    fingerprinted against ``model``'s current weights."""
-    names = list(factors)
-    rank = max(1, max(a.shape[0] for a, _ in factors.values()))
-    config = AdapterConfig(
-        method="delta", options=dataclasses.asdict(Delta.Options(rank=rank)),
-        targets={n: list(model.get_submodule(n).weight.shape) for n in names},
-        target_spec=target_spec or ",".join(sorted({n.rsplit(".", 1)[-1] for n in names})),
-        architecture=type(model).__name__, base_fingerprint=fingerprint(model, names),
-        base_model=str(base_model))
-    adapters = AdapterSet(config)
-    with torch.no_grad():
-        for name, layer in adapters.items():
-            a, b = factors[name]
-            layer.A.zero_()
-            layer.B.zero_()
-            layer.A[: a.shape[0]].copy_(a)
-            layer.B[:, : b.shape[1]].copy_(b)
-    return adapters
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -233,66 +203,75 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
 
 def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, method: str,
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
-          fold: bool = False, rank: int | None = None, shared: str = "ties") -> dict:
-    """Merge native adapters of one base; returns a report (output kind, ranks, errors)."""
+          fold: bool = False, rank: int | None = None, shared: str = "ties",
+          max_shard_size: int | str | None = None) -> dict:
+    """Merge native adapters of one base; returns a report (output kind, ranks, errors).
+
+    The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
+    written), and each module is merged just before it is needed, so memory holds the adapters and
+    one module's merge at a time."""
     weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared)
-    model = load_base(base, dtype="auto")
+    max_shard_size = parse_size(max_shard_size)
+    ckpt = Checkpoint(base)
     sets = []
     for path in adapter_dirs:
         try:
-            sets.append(AdapterSet.load(path, model))
+            sets.append(AdapterSet.load(path, ckpt))
         except SvdServeError as e:
             raise SvdServeError(f"{path}: {e}") from None
     all_deltas = [s.deltas() for s in sets]
     covered = set().union(*all_deltas)
-    modules = [n for n in linear_names(model) if n in covered]
+    modules = [n for n in linear_names(ckpt.skeleton) if n in covered]
     params = MergeParams(weights=weights, density=density, lam=lam,
                          generator=torch.Generator().manual_seed(seed))
     merge_fn = MERGES[shared if method == "twin" else method]
 
-    merged: dict[str, Factors] = {}
-    for name in modules:
-        m, n = model.get_submodule(name).weight.shape
+    def task_vectors(name: str) -> list[Factors]:
+        """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
+        m, n = ckpt.get_submodule(name).weight.shape
         zero = (torch.zeros(1, n), torch.zeros(m, 1))
-        deltas = [(d[name].A, d[name].B) if name in d else zero for d in all_deltas]
-        merged[name] = merge_fn(deltas, params)
+        return [(d[name].A, d[name].B) if name in d else zero for d in all_deltas]
+
+    # modules are merged in model order, one at a time (DARE's masks are drawn in that order)
+    def merged(name: str) -> Factors:
+        return merge_fn(task_vectors(name), params)
 
     report: dict = {"method": method, "modules": len(modules), "out": str(out)}
     if fold:
-        for name, f in merged.items():
-            add_low_rank_(model.get_submodule(name).weight, *f)
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            copy_tokenizer_files(Path(base), tmp)
+            write_folded(ckpt, tmp, modules, merged, max_shard_size)
         report["kind"] = "checkpoint"
         return report
     if method != "twin":
-        lows = {name: compress(*f, max_rank=rank) for name, f in merged.items()}
-        delta_adapter(model, {n: (lr.A, lr.B) for n, lr in lows.items()}, str(base)).save(out)
+        lows = {name: compress(*merged(name), max_rank=rank) for name in modules}
+        delta_adapter({n: (lr.A, lr.B) for n, lr in lows.items()}, ckpt.architecture,
+                      ckpt.fingerprint(modules), str(base)).save(out)
         report.update(kind="adapter", **_rank_report(lows))
         return report
 
     # twin: the shared merge becomes the new base; each task keeps its residual τ_t − ΔW* at --rank
-    residuals: list[dict[str, LowRank]] = [{} for _ in sets]
-    for name, (sa, sb) in merged.items():
-        m, n = model.get_submodule(name).weight.shape
-        for t, d in enumerate(all_deltas):
-            a, b = (d[name].A, d[name].B) if name in d else (torch.zeros(1, n), torch.zeros(m, 1))
+    residuals: list[dict] = [{} for _ in sets]
+
+    def shared_merge(name: str) -> Factors:
+        sa, sb = merged(name)
+        for t, (a, b) in enumerate(task_vectors(name)):
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
-        add_low_rank_(model.get_submodule(name).weight, sa, sb)
+        return sa, sb
+
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp / "base")
-        copy_tokenizer_files(Path(base), tmp / "base")
+        (tmp / "base").mkdir()
+        write_folded(ckpt, tmp / "base", modules, shared_merge, max_shard_size)
+        new_base = Checkpoint(tmp / "base").fingerprint(modules)
         report["kind"] = "twin"
         report["adapters"] = {}
         for path, res in zip(adapter_dirs, residuals):
             name = Path(path).name
-            delta_adapter(model, {n: (lr.A, lr.B) for n, lr in res.items()},
+            delta_adapter({n: (lr.A, lr.B) for n, lr in res.items()}, ckpt.architecture, new_base,
                           str(Path(out) / "base")).save(tmp / "adapters" / name)
             report["adapters"][name] = _rank_report(res)
     return report
 
 
-def _rank_report(lows: dict[str, LowRank]) -> dict:
+def _rank_report(lows: dict) -> dict:
     return {"rank": max(lr.rank for lr in lows.values()),
             "max_rel_error": max(lr.rel_error for lr in lows.values())}
