@@ -202,10 +202,10 @@ class AdapterSet(nn.Module):
             w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight
             add_low_rank_(w, *layer.delta())
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, inputs=(), overwrite: bool = False) -> Path:
         tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()
                    for name, layer in self.items() for k, v in layer.state_dict().items()}
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, inputs, overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         return Path(path)

@@ -64,6 +64,7 @@ def methods_cmd():
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
 @click.option("--keep-checkpoints", default=3, type=int, help="Keep the last N checkpoints (and the best).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run at --out (its own files only).")
 @click.option("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
 @click.pass_context
@@ -89,11 +90,12 @@ def train(ctx, config_file, **given):
 @click.option("--base", required=True, type=click.Path(), help="The base the adapter was trained on.")
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF checkpoint directory.")
-def fold(base, adapter, out):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def fold(base, adapter, out, overwrite):
     """Fold an adapter into the base: a standalone HF checkpoint in the base's dtype."""
     from .fold import fold as run
 
-    click.echo(f"folded checkpoint written to {run(base, adapter, out)}")
+    click.echo(f"folded checkpoint written to {run(base, adapter, out, overwrite)}")
 
 
 @cli.command()
@@ -105,12 +107,14 @@ def fold(base, adapter, out):
 @click.option("--max-rank", type=int, help="Best rank-K approximation instead of the exact rank (error reported).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="ONNX graph dtype.")
 @click.option("--no-verify", is_flag=True, help="Skip the numerical check of the written adapter.")
-def export(target, base, adapters, out, max_rank, dtype, no_verify):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def export(target, base, adapters, out, max_rank, dtype, no_verify, overwrite):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
-    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify, **extra)
+    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify, overwrite=overwrite,
+                 **extra)
     for name, entry in report["adapters"].items():
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
@@ -185,7 +189,8 @@ def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, jso
 @click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
 @click.option("--rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
 @click.option("--out", required=True, type=click.Path())
-def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out, overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME."""
     from .merge import merge as run
@@ -196,7 +201,7 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, ran
         except ValueError:
             raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
-                 seed=seed, fold=fold, rank=rank, shared=shared)
+                 seed=seed, fold=fold, rank=rank, shared=shared, overwrite=overwrite)
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
     for name, entry in report.get("adapters", {}).items():
@@ -210,12 +215,13 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, ran
 @click.option("--initial", type=click.Path(),
               help="PiSSA/OLoRA/CorDA: the adapter PEFT saved before training.")
 @click.option("--out", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
 @click.argument("adapter", type=click.Path())
-def import_cmd(source, base, initial, out, adapter):
+def import_cmd(source, base, initial, out, overwrite, adapter):
     """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter."""
     from .importer import import_peft
 
-    report = import_peft(adapter, base, out, initial)
+    report = import_peft(adapter, base, out, initial, overwrite)
     click.echo(f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}, written to {out}")
 
 
@@ -227,11 +233,12 @@ def import_cmd(source, base, initial, out, adapter):
 @click.option("--targets", default="all-linear", show_default=True,
               help="Module-name suffixes (comma list), 'all-linear', or a regex over full names.")
 @click.option("--out", required=True, type=click.Path())
-def extract(base, finetuned, rank, energy, targets, out):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def extract(base, finetuned, rank, energy, targets, out, overwrite):
     """Extract an adapter from a full fine-tune (SVD of W_ft - W_base per Linear)."""
     from .extract import extract as run
 
-    report = run(base, finetuned, out, rank=rank, energy=energy, targets=targets)
+    report = run(base, finetuned, out, rank=rank, energy=energy, targets=targets, overwrite=overwrite)
     click.echo(f"{report['modules']} modules, rank {report['rank']}, max relative error "
                f"{report['max_rel_error']:.3e}" + (f", {report['unchanged']} unchanged modules left out"
                                                     if report["unchanged"] else ""))

@@ -11,6 +11,7 @@ from torch import nn
 from .adapter import AdapterSet
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
+from .io import check_out
 from .model import LowRankDelta, linear_names, load_base
 
 
@@ -41,22 +42,23 @@ def logits_gap(model: nn.Module, first: dict[str, nn.Module], second: dict[str, 
 
 
 def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: str | Path,
-           max_rank: int | None = None, verify: bool = True, **options) -> dict:
+           max_rank: int | None = None, verify: bool = True, overwrite: bool = False, **options) -> dict:
     """Write ``adapter_dirs`` for ``target`` under ``out``; returns a report (ranks, errors, checks)."""
     convert = get_target(target)
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
     if max_rank is not None and max_rank < 1:
         raise SvdServeError("--max-rank must be at least 1")
-    model = load_base(base)
     names = [Path(p).name for p in adapter_dirs]
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
+    check_out(out, [base, *adapter_dirs], overwrite)
+    model = load_base(base)
     sets = [AdapterSet.load(p, model) for p in adapter_dirs]
     exported = [to_exported(n, Path(p), s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(model),
                     architecture=type(model).__name__, model_type=model.config.model_type,
-                    options=options, model=model)
+                    options=options, model=model, overwrite=overwrite)
     written = dict(convert(job, Path(out)))
     messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
     report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}
