@@ -40,6 +40,7 @@ class ExportJob:
     model_type: str
     options: dict = field(default_factory=dict)  # target-specific options from the CLI
     model: Any = None  # the base model (float32) when the caller has it loaded already
+    overwrite: bool = False  # replace an earlier svd-serve output at ``out`` (never anything else)
 
 
 # target name -> "module:function"; modules are imported only when their target is used

@@ -218,7 +218,7 @@ def export(job: ExportJob, out: Path) -> dict:
         A={m: torch.zeros(1, shapes[m][0]) for m in union},
         B={m: torch.zeros(shapes[m][1], 1) for m in union}, rel_error={m: 0.0 for m in union})
     written = {}
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_dir(out, overwrite=job.overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         write_lora_dir(placeholder, job, scratch / "peft")
         run_builder(job.base.resolve(), scratch / "peft", tmp.resolve(), scratch, precision, provider)

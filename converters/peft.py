@@ -64,9 +64,9 @@ def lora_config(adapter: ExportedAdapter, job: ExportJob, rank: int) -> dict:
     }
 
 
-def write_lora_dir(adapter: ExportedAdapter, job: ExportJob, out: Path) -> dict:
+def write_lora_dir(adapter: ExportedAdapter, job: ExportJob, out: Path, overwrite: bool = False) -> dict:
     rank = adapter.rank
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(lora_config(adapter, job, rank), indent=2) + "\n")
         save_file(lora_tensors(adapter, rank), tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return {"path": str(out), "rank": rank}
@@ -75,4 +75,4 @@ def write_lora_dir(adapter: ExportedAdapter, job: ExportJob, out: Path) -> dict:
 def export(job: ExportJob, out: Path) -> dict:
     """One adapter → one PEFT directory at ``out``."""
     (adapter,) = job.adapters
-    return {adapter.name: write_lora_dir(adapter, job, out)}
+    return {adapter.name: write_lora_dir(adapter, job, out, job.overwrite)}

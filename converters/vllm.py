@@ -87,7 +87,7 @@ def export(job: ExportJob, out: Path) -> dict:
     slots = len(job.adapters) + SPARE_SLOTS
     cmd = serve_command(base, final, rank, slots)
     written = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=job.overwrite) as tmp:
         for a in job.adapters:
             written[a.name] = {**write_lora_dir(a, job, tmp / a.name), "path": str(final[a.name])}
         serve = {

@@ -25,6 +25,7 @@ from .errors import SvdServeError
 from .io import atomic_dir
 from .linalg import LowRank, compress
 from .methods import Adapter, get_method
+from .methods.delta import Delta
 from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
 
 CONFIG_NAME = "svd_adapter.json"
@@ -205,21 +206,19 @@ class AdapterSet(nn.Module):
             w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight
             add_low_rank_(w, *layer.delta())
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, inputs=(), overwrite: bool = False) -> Path:
         tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()
                    for name, layer in self.items() for k, v in layer.state_dict().items()}
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, inputs, overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         return Path(path)
 
 
-def delta_adapter(factors: dict[str, tuple[Tensor, Tensor]], architecture: str, base_fingerprint: str,
+def delta_adapter(factors: dict[str, LowRank], architecture: str, base_fingerprint: str,
                   base_model: str = "", target_spec: str = "") -> AdapterSet:
     """A native ``delta`` adapter holding ``ΔW = B A`` per module (``factors``: module → ``(A, B)``,
     zero-padded to one rank): what merge, import and extract write."""
-    from .methods.delta import Delta
-
     rank = max(1, max(a.shape[0] for a, _ in factors.values()))
     config = AdapterConfig(
         method="delta", options=dataclasses.asdict(Delta.Options(rank=rank)),

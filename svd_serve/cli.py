@@ -64,6 +64,7 @@ def methods_cmd():
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
 @click.option("--keep-checkpoints", default=3, type=int, help="Keep the last N checkpoints (and the best).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run at --out (its own files only).")
 @click.option("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
 @click.pass_context
@@ -90,12 +91,13 @@ def train(ctx, config_file, **given):
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF checkpoint directory.")
 @click.option("--max-shard-size", help="Shard the output at this size, e.g. 5GB (default: the base's shards).")
-def fold(base, adapter, out, max_shard_size):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def fold(base, adapter, out, max_shard_size, overwrite):
     """Fold an adapter into the base: a standalone HF checkpoint in the base's dtype, written one
     tensor at a time."""
     from .fold import fold as run
 
-    click.echo(f"folded checkpoint written to {run(base, adapter, out, max_shard_size)}")
+    click.echo(f"folded checkpoint written to {run(base, adapter, out, max_shard_size, overwrite)}")
 
 
 @cli.command()
@@ -110,13 +112,14 @@ def fold(base, adapter, out, max_shard_size):
 @click.option("--check-logits/--no-check-logits", default=None,
               help="Also compare logits of the float32 base with the written factors and the adapted "
                    "model (loads the model; default: on for checkpoints up to 256 MiB).")
-def export(target, base, adapters, out, max_rank, dtype, no_verify, check_logits):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def export(target, base, adapters, out, max_rank, dtype, no_verify, check_logits, overwrite):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
     report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify,
-                 check_logits=check_logits, **extra)
+                 check_logits=check_logits, overwrite=overwrite, **extra)
     for name, entry in report["adapters"].items():
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
@@ -195,7 +198,8 @@ def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, jso
 @click.option("--rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--max-shard-size", help="--fold/twin: shard the checkpoint at this size, e.g. 5GB (default: the base's shards).")
-def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out, max_shard_size):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out, max_shard_size, overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME."""
     from .merge import merge as run
@@ -206,7 +210,8 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, ran
         except ValueError:
             raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
-                 seed=seed, fold=fold, rank=rank, shared=shared, max_shard_size=max_shard_size)
+                 seed=seed, fold=fold, rank=rank, shared=shared, max_shard_size=max_shard_size,
+                 overwrite=overwrite)
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
     for name, entry in report.get("adapters", {}).items():
@@ -220,12 +225,13 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, ran
 @click.option("--initial", type=click.Path(),
               help="PiSSA/OLoRA/CorDA: the adapter PEFT saved before training.")
 @click.option("--out", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
 @click.argument("adapter", type=click.Path())
-def import_cmd(source, base, initial, out, adapter):
+def import_cmd(source, base, initial, out, overwrite, adapter):
     """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter."""
     from .importer import import_peft
 
-    report = import_peft(adapter, base, out, initial)
+    report = import_peft(adapter, base, out, initial, overwrite)
     click.echo(f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}, written to {out}")
 
 
@@ -237,11 +243,12 @@ def import_cmd(source, base, initial, out, adapter):
 @click.option("--targets", default="all-linear", show_default=True,
               help="Module-name suffixes (comma list), 'all-linear', or a regex over full names.")
 @click.option("--out", required=True, type=click.Path())
-def extract(base, finetuned, rank, energy, targets, out):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier svd-serve output at --out (never other files).")
+def extract(base, finetuned, rank, energy, targets, out, overwrite):
     """Extract an adapter from a full fine-tune (SVD of W_ft - W_base per Linear)."""
     from .extract import extract as run
 
-    report = run(base, finetuned, out, rank=rank, energy=energy, targets=targets)
+    report = run(base, finetuned, out, rank=rank, energy=energy, targets=targets, overwrite=overwrite)
     click.echo(f"{report['modules']} modules, rank {report['rank']}, max relative error "
                f"{report['max_rel_error']:.3e}" + (f", {report['unchanged']} unchanged modules left out"
                                                     if report["unchanged"] else ""))

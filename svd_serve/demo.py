@@ -108,7 +108,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
     adapter = train(TrainConfig(base=str(base), data=str(data), out=str(out / f"{method}-adapter"),
                                 method=method, targets="all-linear", steps=steps, lr=lr, batch_size=16,
                                 calib_data=str(data) if get_method(method).needs_calibration else None,
-                                progress=False))
+                                progress=False, overwrite=True))
     adapters = AdapterSet.load(adapter, model)
     adapters.attach(model)
     after = exact_match(model, tokenizer, test)
@@ -122,7 +122,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
     log(f"exact match on {len(test)} {held} questions: {before:.1%} before, {after:.1%} after")
 
     # fold, and compare the folded checkpoint with base + adapter
-    folded = fold(base, adapter, out / "folded")
+    folded = fold(base, adapter, out / "folded", overwrite=True)  # a rerun replaces its own outputs
     ids = torch.tensor([tokenizer(shown[0]["prompt"])["input_ids"]])
     with torch.no_grad():
         adapted_logits = model(input_ids=ids).logits
@@ -133,7 +133,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
     exports = {}
     for target in TARGETS:
         try:
-            report = export(target, base, [adapter], out / "export" / target)
+            report = export(target, base, [adapter], out / "export" / target, overwrite=True)
         except Exception as e:  # one target's missing runtime must not hide the others
             exports[target] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
             log(f"export {target:5s}: failed: {exports[target]['error']}")

@@ -23,7 +23,8 @@ from .adapter import AdapterSet
 from .checkpoint import Checkpoint
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
-from .linalg import factored_svd
+from .io import check_out
+from .linalg import LowRank, factored_svd
 from .model import LowRankDelta, linear_names, load_base
 
 CHECK_LOGITS_MAX_BYTES = 256 << 20  # the logits check's default: on up to this checkpoint size
@@ -40,7 +41,7 @@ def to_exported(name: str, path: Path, adapters: AdapterSet, max_rank: int | Non
 
 
 @torch.no_grad()
-def factor_errors(exact: tuple[Tensor, Tensor], written: tuple[Tensor, Tensor], seed: int = 0) -> tuple[float, float]:
+def factor_errors(exact: LowRank, written: LowRank, seed: int = 0) -> tuple[float, float]:
     """``(‖ΔW − B'A'‖_F / ‖ΔW‖_F, ‖(ΔW − B'A') X‖_F / ‖ΔW X‖_F)`` for ``ΔW = B A`` (``exact``) and
     ``written = (A', B')``, ``X`` Gaussian ``[n, CHECK_INPUTS]``; float64, in factor space. For a zero
     ``ΔW`` the absolute norms are returned."""
@@ -58,7 +59,7 @@ def check_factors(exported: ExportedAdapter, adapters: AdapterSet) -> dict:
     the truncation error ``export`` reported for it (plus float32 rounding)."""
     factor_err, output_err = 0.0, 0.0
     for name, layer in adapters.items():
-        f, o = factor_errors(layer.delta(), (exported.A[name], exported.B[name]))
+        f, o = factor_errors(layer.delta(), LowRank(exported.A[name], exported.B[name]))
         if f > exported.rel_error[name] + CHECK_RTOL:
             raise SvdServeError(f"export check failed for {exported.name}: module {name} is written with "
                                 f"relative error {f:.3e}, expected {exported.rel_error[name]:.3e}")
@@ -86,7 +87,7 @@ def logits_gap(model: nn.Module, first: dict[str, nn.Module], second: dict[str, 
 
 def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: str | Path,
            max_rank: int | None = None, verify: bool = True, check_logits: bool | None = None,
-           **options) -> dict:
+           overwrite: bool = False, **options) -> dict:
     """Write ``adapter_dirs`` for ``target`` under ``out``; returns a report (ranks, errors, checks).
 
     ``verify=False`` skips every check; ``check_logits`` None runs the end-to-end logits check when
@@ -96,10 +97,11 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
         raise SvdServeError("give at least one --adapter")
     if max_rank is not None and max_rank < 1:
         raise SvdServeError("--max-rank must be at least 1")
-    ckpt = Checkpoint(base)
     names = [Path(p).name for p in adapter_dirs]
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
+    check_out(out, [base, *adapter_dirs], overwrite)
+    ckpt = Checkpoint(base)
     sets = [AdapterSet.load(p, ckpt) for p in adapter_dirs]
     exported = [to_exported(n, Path(p), s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
     checks = {e.name: check_factors(e, s) for e, s in zip(exported, sets)} if verify else {}
@@ -108,7 +110,7 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     model = load_base(base) if check_logits else None
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(ckpt.skeleton),
                     architecture=ckpt.architecture, model_type=ckpt.config.model_type,
-                    options=options, model=model)
+                    options=options, model=model, overwrite=overwrite)
     written = dict(convert(job, Path(out)))
     messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
     report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}

@@ -16,6 +16,8 @@ from torch import nn
 from .adapter import delta_adapter
 from .checkpoint import Checkpoint
 from .errors import SvdServeError
+from .io import check_out
+from .linalg import LowRank
 from .model import resolve_targets
 
 
@@ -39,13 +41,15 @@ def same_tensor(base: Checkpoint, tuned: Checkpoint, name: str) -> bool:
 
 @torch.no_grad()
 def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int | None = None,
-            energy: float | None = None, targets: str = "all-linear") -> dict:
+            energy: float | None = None, targets: str = "all-linear", overwrite: bool = False) -> dict:
     if (rank is None) == (energy is None):
         raise SvdServeError("give exactly one of --rank K and --energy E")
     if rank is not None and rank < 1:
         raise SvdServeError("--rank must be at least 1")
     if energy is not None and not 0 < energy <= 1:
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
+    inputs = [base, finetuned]
+    check_out(out, inputs, overwrite)
     ckpt, tuned = Checkpoint(base), Checkpoint(finetuned)
     if ckpt.architecture != tuned.architecture:
         raise SvdServeError(f"the fine-tune is a {tuned.architecture}, the base a {ckpt.architecture}")
@@ -67,13 +71,14 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
         k = truncation(s, rank, energy)
         errors[name] = float(s[k:].square().sum() / s.square().sum()) ** 0.5
         root = s[:k].sqrt()
-        factors[name] = ((root[:, None] * vh[:k]).float(), (u[:, :k] * root).float())
+        factors[name] = LowRank((root[:, None] * vh[:k]).float(), (u[:, :k] * root).float())
     if not factors:
         raise SvdServeError(f"the fine-tune does not differ from the base in any of the {len(names)} target modules")
     targeted = {f"{n}.weight" for n in names}
     other = [n for n in tuned.tensors
              if n not in targeted and (n not in ckpt or not same_tensor(ckpt, tuned, n))]
-    delta_adapter(factors, ckpt.architecture, ckpt.fingerprint(list(factors)), str(base), targets).save(out)
+    adapters = delta_adapter(factors, ckpt.architecture, ckpt.fingerprint(list(factors)), str(base), targets)
+    adapters.save(out, inputs, overwrite)
     return {"modules": len(factors), "unchanged": unchanged, "out": str(out),
             "rank": max(a.shape[0] for a, _ in factors.values()),
             "max_rel_error": max(errors.values()), "rel_errors": errors, "other_changed": other}

@@ -10,14 +10,16 @@ from pathlib import Path
 
 from .adapter import AdapterSet
 from .checkpoint import Checkpoint, parse_size, write_folded
-from .io import atomic_dir
+from .io import atomic_dir, check_out
 
 
-def fold(base: str | Path, adapter: str | Path, out: str | Path, max_shard_size: int | str | None = None) -> Path:
+def fold(base: str | Path, adapter: str | Path, out: str | Path, max_shard_size: int | str | None = None,
+         overwrite: bool = False) -> Path:
     max_shard_size = parse_size(max_shard_size)
+    check_out(out, [base, adapter], overwrite)
     ckpt = Checkpoint(base)
     adapters = AdapterSet.load(adapter, ckpt)
     layers = dict(adapters.items())
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, [base, adapter], overwrite) as tmp:
         write_folded(ckpt, tmp, list(layers), lambda name: layers[name].delta(), max_shard_size)
     return Path(out)

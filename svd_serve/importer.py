@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from .adapter import delta_adapter
 from .checkpoint import Checkpoint
 from .errors import SvdServeError
-from .linalg import minor_svd, top_svd
+from .io import check_out
+from .linalg import LowRank, minor_svd, top_svd
 
-Factors = tuple[Tensor, Tensor]  # (A [r, n], B [m, r]) with ΔW = B @ A
 
 PREFIX = "base_model.model."
 PLAIN_INITS = (True, False, "gaussian", "eva", "mica", "orthogonal")
@@ -90,18 +90,16 @@ def scaling(cfg: dict, name: str) -> float:
     return alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
 
 
-def initial_factors(init, weight: Tensor, r: int, s: float) -> Factors:
+def initial_factors(init, weight: Tensor, r: int, s: float) -> LowRank:
     """PEFT's ``(A0, B0)`` for pissa (exact SVD) and olora, re-derived from the original weight."""
     if init == "pissa":
-        u, sig, vh = top_svd(weight, r)
-        root = (sig / s).sqrt()
-        return root[:, None] * vh, u * root
+        return LowRank.from_svd(*top_svd(weight, r), scale=s)
     q, rr = torch.linalg.qr(weight.float())
-    return rr[:r], q[:, :r]
+    return LowRank(rr[:r], q[:, :r])
 
 
 def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[int, int],
-                 weight: Callable[[], Tensor], initial: dict[str, Tensor] | None) -> Factors:
+                 weight: Callable[[], Tensor], initial: dict[str, Tensor] | None) -> LowRank:
     """Module ``name``'s exact ΔW; ``weight()`` reads its original base weight (float32) when needed."""
     a, b = parts["lora_A"], parts["lora_B"]
     r = a.shape[0]
@@ -113,10 +111,10 @@ def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[in
         if "lora_diag" not in parts:
             raise SvdServeError(f"module {name}: KaSA adapter without lora_diag")
         us, _, vh = minor_svd(weight(), r)
-        return torch.cat([a, vh]), torch.cat([b * (parts["lora_diag"] * s), -us], 1)
+        return LowRank(torch.cat([a, vh]), torch.cat([b * (parts["lora_diag"] * s), -us], 1))
     init = cfg.get("init_lora_weights", True)
     if init in PLAIN_INITS:
-        return a, b * s
+        return LowRank(a, b * s)
     if initial is not None:
         if initial["lora_A"].shape != a.shape or initial["lora_B"].shape != b.shape:
             raise SvdServeError(f"module {name}: the --initial adapter's shapes differ from the trained one")
@@ -126,12 +124,14 @@ def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[in
     else:
         raise SvdServeError(f"init_lora_weights={init!r} cannot be re-derived from the base "
                             f"(randomized or data-dependent): give --initial, the adapter PEFT saved before training")
-    return torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1)
+    return LowRank(torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1))
 
 
 def import_peft(path: str | Path, base: str | Path, out: str | Path,
-                initial: str | Path | None = None) -> dict:
+                initial: str | Path | None = None, overwrite: bool = False) -> dict:
     """PEFT adapter at ``path`` (trained on ``base``) → native adapter at ``out``; returns a report."""
+    inputs = [path, base, initial]
+    check_out(out, inputs, overwrite)
     cfg, modules = read_peft(path)
     init = cfg.get("init_lora_weights", True)
     kasa = cfg.get("kasa_config") is not None
@@ -153,6 +153,6 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
                                      init_modules[name] if init_modules is not None else None)
     order = [n for n in linear if n in factors]
     adapters = delta_adapter({n: factors[n] for n in order}, ckpt.architecture, ckpt.fingerprint(order), str(base))
-    adapters.save(out)
+    adapters.save(out, inputs, overwrite)
     kind = "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
     return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out)}

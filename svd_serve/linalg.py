@@ -7,8 +7,10 @@ Everything here works in float64 internally where accuracy matters and never for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -59,15 +61,44 @@ def minor_svd(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     return us.float(), s.float(), vh.float().contiguous()
 
 
-@dataclass
-class LowRank:
-    """``ΔW = B @ A`` with ``A [rank, n]`` and ``B [m, rank]`` and its singular values."""
+class LowRank(NamedTuple):
+    """``ΔW = B @ A`` with ``A [r, n]`` and ``B [m, r]``: the one low-rank type of svd-serve.
+
+    Always in this order, (A, B), whatever the method or file format; any scale is already in B.
+    """
 
     A: Tensor
     B: Tensor
-    sigma: Tensor  # singular values of B @ A, descending (all of them, before any truncation)
-    rank: int
-    rel_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F after truncation (0.0 when exact)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self) -> Tensor:
+        """The ``m x n`` matrix (float32). Only for one module at a time, never for a whole model."""
+        return self.B.float() @ self.A.float()
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x ↦ B (A x)`` over the last dimension, without forming ``B A``."""
+        return F.linear(F.linear(x, self.A), self.B)
+
+    def scaled(self, c: float | Tensor) -> "LowRank":
+        return LowRank(self.A, self.B * c)
+
+    def float(self) -> "LowRank":
+        return LowRank(self.A.detach().float(), self.B.detach().float())
+
+    @staticmethod
+    def cat(parts: list["LowRank"]) -> "LowRank":
+        """``Σ B_i A_i`` as one pair of factors (rank = Σ r_i)."""
+        return LowRank(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts], dim=1))
+
+    @staticmethod
+    def from_svd(u: Tensor, s: Tensor, vh: Tensor, scale: float = 1.0) -> "LowRank":
+        """``U diag(S) Vh = scale · B A`` with the singular values shared evenly between the factors:
+        ``B = U √(S/scale)``, ``A = √(S/scale) Vh`` (PiSSA's split, and every balanced export)."""
+        root = (s / scale).sqrt()
+        return LowRank(root[:, None] * vh, u * root)
 
 
 def factored_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,7 +119,25 @@ def exact_rank(s: Tensor, rtol: float = 1e-6) -> int:
     return int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
 
 
-def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> LowRank:
+@dataclass
+class Compressed:
+    """What :func:`compress` returns: the factors and how they were chosen."""
+
+    factors: LowRank
+    sigma: Tensor  # singular values of B @ A, descending (all of them, before any truncation)
+    rank: int  # components kept (0 for a zero ΔW, written as one zero component)
+    rel_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F after truncation (0.0 when exact)
+
+    @property
+    def A(self) -> Tensor:
+        return self.factors.A
+
+    @property
+    def B(self) -> Tensor:
+        return self.factors.B
+
+
+def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> Compressed:
     """Rewrite ``ΔW = b @ a`` (``a [r, n]``, ``b [m, r]``) in its smallest exact rank
     (:func:`factored_svd`, :func:`exact_rank`). With ``max_rank`` the best rank-``max_rank``
     approximation (Eckart–Young) is returned with its relative Frobenius error.
@@ -101,8 +150,7 @@ def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e
     # only components dropped by max_rank count: the ones below rtol are zero, so exact means 0.0
     err = float(s[keep:exact].square().sum() / total) ** 0.5 if total > 0 else 0.0
     keep_nz = max(keep, 1)  # a zero delta is written as one zero component, never as rank 0
-    root = s[:keep_nz].sqrt() if keep > 0 else torch.zeros(1, dtype=s.dtype)
-    new_b = u[:, :keep_nz] * root
-    new_a = root[:, None] * vh[:keep_nz]
-    return LowRank(A=new_a.float().contiguous(), B=new_b.float().contiguous(),
-                   sigma=s.float(), rank=keep, rel_error=err)
+    kept = s[:keep_nz] if keep > 0 else torch.zeros(1, dtype=s.dtype)
+    a_new, b_new = LowRank.from_svd(u[:, :keep_nz], kept, vh[:keep_nz])
+    return Compressed(LowRank(a_new.float().contiguous(), b_new.float().contiguous()),
+                      sigma=s.float(), rank=keep, rel_error=err)

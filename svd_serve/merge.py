@@ -22,12 +22,9 @@ from torch import Tensor
 from .adapter import AdapterSet, delta_adapter
 from .checkpoint import Checkpoint, parse_size, write_folded
 from .errors import SvdServeError
-from .io import atomic_dir
-from .linalg import compress, exact_rank, factored_svd
+from .io import atomic_dir, check_out
+from .linalg import LowRank, compress, exact_rank, factored_svd
 from .model import linear_names
-
-Factors = tuple[Tensor, Tensor]  # (A [r, n], B [m, r]) with ΔW = B @ A
-
 
 @dataclass
 class MergeParams:
@@ -38,20 +35,15 @@ class MergeParams:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def concat(factors: list[Factors], coeffs: list[float]) -> Factors:
+def concat(factors: list[LowRank], coeffs: list[float]) -> LowRank:
     """``Σ c_i B_i A_i`` as one pair of factors."""
-    return (torch.cat([a for a, _ in factors]),
-            torch.cat([b * c for (_, b), c in zip(factors, coeffs)], dim=1))
+    return LowRank.cat([LowRank(a, b * c) for (a, b), c in zip(factors, coeffs)])
 
 
-def dense(f: Factors) -> Tensor:
-    return f[1].float() @ f[0].float()
-
-
-def from_dense(d: Tensor) -> Factors:
+def from_dense(d: Tensor) -> LowRank:
     """A dense ``[m, n]`` ΔW as factors ``(I, D)`` or ``(D, I)``, whichever is smaller."""
     m, n = d.shape
-    return (torch.eye(n), d) if n <= m else (d, torch.eye(m))
+    return LowRank(torch.eye(n), d) if n <= m else LowRank(d, torch.eye(m))
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
@@ -89,36 +81,36 @@ def elect(taus: list[Tensor], weights: list[float], normalize: bool) -> Tensor:
 
 
 # --- methods: per module, [(A_i, B_i)] → merged (A, B) ----------------------------------------------
-def linear(deltas: list[Factors], p: MergeParams) -> Factors:
+def linear(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """``Σ w_i τ_i / Σ w_i`` (the weighted mean of the models)."""
     total = sum(p.weights)
     return concat(deltas, [p.lam * w / total for w in p.weights])
 
 
-def task_arithmetic(deltas: list[Factors], p: MergeParams) -> Factors:
+def task_arithmetic(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """``λ Σ w_i τ_i``."""
     return concat(deltas, [p.lam * w for w in p.weights])
 
 
-def ties(deltas: list[Factors], p: MergeParams) -> Factors:
+def ties(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """Trim each τ_i to its top ``density`` magnitudes, elect signs, disjoint weighted mean."""
-    taus = [trim(dense(d), p.density) for d in deltas]
+    taus = [trim(d.dense(), p.density) for d in deltas]
     return from_dense(p.lam * elect(taus, p.weights, normalize=True))
 
 
-def dare_linear(deltas: list[Factors], p: MergeParams) -> Factors:
+def dare_linear(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """Random drop (keep ``density``) with L1 rescale, then ``Σ w_i τ̃_i``."""
-    taus = [drop(dense(d), p.density, p.generator) for d in deltas]
+    taus = [drop(d.dense(), p.density, p.generator) for d in deltas]
     return from_dense(p.lam * sum(w * t for w, t in zip(p.weights, taus)))
 
 
-def dare_ties(deltas: list[Factors], p: MergeParams) -> Factors:
+def dare_ties(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """DARE's random drop, then TIES' sign election (summed, not normalised, as mergekit)."""
-    taus = [drop(dense(d), p.density, p.generator) for d in deltas]
+    taus = [drop(d.dense(), p.density, p.generator) for d in deltas]
     return from_dense(p.lam * elect(taus, p.weights, normalize=False))
 
 
-def tsv(deltas: list[Factors], p: MergeParams) -> Factors:
+def tsv(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """Task singular vectors (TSV-M): the top ``⌊k/T⌋`` singular triplets of each ``w_i τ_i``
     (k = min(m, n); only nonzero ones, since a low-rank τ has no defined vectors beyond its rank),
     concatenated; ``U_c`` and ``V_c`` replaced by their nearest orthonormal matrices ``P Qᵀ``;
@@ -133,9 +125,9 @@ def tsv(deltas: list[Factors], p: MergeParams) -> Factors:
         vhs.append(vh[:k])
     u_c, s_c, v_c = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs).T
     if not s_c.numel():
-        return deltas[0][0][:1] * 0, deltas[0][1][:, :1] * 0
+        return LowRank(deltas[0][0][:1] * 0, deltas[0][1][:, :1] * 0)
     u_hat, v_hat = nearest_orthonormal(u_c), nearest_orthonormal(v_c)
-    return (p.lam * s_c[:, None] * v_hat.T).float(), u_hat.float()
+    return LowRank((p.lam * s_c[:, None] * v_hat.T).float(), u_hat.float())
 
 
 def nearest_orthonormal(x: Tensor) -> Tensor:
@@ -144,7 +136,7 @@ def nearest_orthonormal(x: Tensor) -> Tensor:
     return pu @ qh
 
 
-def knots(deltas: list[Factors], p: MergeParams) -> Factors:
+def knots(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """KnOTS-TIES: SVD of the concatenation ``[τ_1 … τ_T] = U S [V_1ᵀ … V_Tᵀ]`` (in factor space:
     ``[B_1 … B_T] · blockdiag(A_1 … A_T)``), TIES (``--density``, weights) over the per-task
     coefficients ``S V_tᵀ`` in the shared basis U, ``ΔW = λ U · merged``."""
@@ -153,13 +145,13 @@ def knots(deltas: list[Factors], p: MergeParams) -> Factors:
     k = exact_rank(s)
     u, s, vh = u[:, :k], s[:k], vh[:k]
     if not s.numel():
-        return deltas[0][0][:1] * 0, deltas[0][1][:, :1] * 0
+        return LowRank(deltas[0][0][:1] * 0, deltas[0][1][:, :1] * 0)
     coeffs = [(s[:, None] * vh[:, t * n:(t + 1) * n]).float() for t in range(len(deltas))]
     merged = elect([trim(c, p.density) for c in coeffs], p.weights, normalize=True)
-    return p.lam * merged, u.float()
+    return LowRank(p.lam * merged, u.float())
 
 
-MERGES: dict[str, Callable[[list[Factors], MergeParams], Factors]] = {
+MERGES: dict[str, Callable[[list[LowRank], MergeParams], LowRank]] = {
     "linear": linear,
     "task_arithmetic": task_arithmetic,
     "ties": ties,
@@ -204,7 +196,7 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
 def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, method: str,
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
           fold: bool = False, rank: int | None = None, shared: str = "ties",
-          max_shard_size: int | str | None = None) -> dict:
+          max_shard_size: int | str | None = None, overwrite: bool = False) -> dict:
     """Merge native adapters of one base; returns a report (output kind, ranks, errors).
 
     The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
@@ -212,6 +204,8 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     one module's merge at a time."""
     weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared)
     max_shard_size = parse_size(max_shard_size)
+    inputs = [base, *adapter_dirs]
+    check_out(out, inputs, overwrite)
     ckpt = Checkpoint(base)
     sets = []
     for path in adapter_dirs:
@@ -226,39 +220,39 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
                          generator=torch.Generator().manual_seed(seed))
     merge_fn = MERGES[shared if method == "twin" else method]
 
-    def task_vectors(name: str) -> list[Factors]:
+    def task_vectors(name: str) -> list[LowRank]:
         """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
         m, n = ckpt.get_submodule(name).weight.shape
-        zero = (torch.zeros(1, n), torch.zeros(m, 1))
-        return [(d[name].A, d[name].B) if name in d else zero for d in all_deltas]
+        zero = LowRank(torch.zeros(1, n), torch.zeros(m, 1))
+        return [d[name].factors if name in d else zero for d in all_deltas]
 
     # modules are merged in model order, one at a time (DARE's masks are drawn in that order)
-    def merged(name: str) -> Factors:
+    def merged(name: str) -> LowRank:
         return merge_fn(task_vectors(name), params)
 
     report: dict = {"method": method, "modules": len(modules), "out": str(out)}
     if fold:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, inputs, overwrite) as tmp:
             write_folded(ckpt, tmp, modules, merged, max_shard_size)
         report["kind"] = "checkpoint"
         return report
     if method != "twin":
         lows = {name: compress(*merged(name), max_rank=rank) for name in modules}
-        delta_adapter({n: (lr.A, lr.B) for n, lr in lows.items()}, ckpt.architecture,
-                      ckpt.fingerprint(modules), str(base)).save(out)
+        delta_adapter({n: lr.factors for n, lr in lows.items()}, ckpt.architecture,
+                      ckpt.fingerprint(modules), str(base)).save(out, inputs, overwrite)
         report.update(kind="adapter", **_rank_report(lows))
         return report
 
     # twin: the shared merge becomes the new base; each task keeps its residual τ_t − ΔW* at --rank
     residuals: list[dict] = [{} for _ in sets]
 
-    def shared_merge(name: str) -> Factors:
+    def shared_merge(name: str) -> LowRank:
         sa, sb = merged(name)
         for t, (a, b) in enumerate(task_vectors(name)):
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
-        return sa, sb
+        return LowRank(sa, sb)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, inputs, overwrite) as tmp:
         (tmp / "base").mkdir()
         write_folded(ckpt, tmp / "base", modules, shared_merge, max_shard_size)
         new_base = Checkpoint(tmp / "base").fingerprint(modules)
@@ -266,7 +260,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         report["adapters"] = {}
         for path, res in zip(adapter_dirs, residuals):
             name = Path(path).name
-            delta_adapter({n: (lr.A, lr.B) for n, lr in res.items()}, ckpt.architecture, new_base,
+            delta_adapter({n: lr.factors for n, lr in res.items()}, ckpt.architecture, new_base,
                           str(Path(out) / "base")).save(tmp / "adapters" / name)
             report["adapters"][name] = _rank_report(res)
     return report

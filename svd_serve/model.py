@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .linalg import LowRank
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
@@ -147,7 +148,7 @@ class LowRankDelta(nn.Module):
         self.register_buffer("B", b)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x.to(self.A.dtype), self.A), self.B).to(x.dtype)
+        return LowRank(self.A, self.B).apply(x.to(self.A.dtype)).to(x.dtype)
 
 
 @torch.no_grad()

@@ -36,12 +36,13 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet, make_options, parse_
 from .calib import input_covariances
 from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
 from .errors import SvdServeError
-from .io import atomic_dir, atomic_write_text
+from .io import MARKER, atomic_dir, atomic_write_text, check_out
 from .methods import get_method
 from .model import check_base_dir, load_base, resolve_targets
 
 REG_FIELDS = ("beta", "gamma", "reg")  # option fields that weight a method's regularizer
 STATE_NAME = "trainer_state.pt"
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "loss.png", "checkpoints", ".final.tmp")
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     save_every: int | None = None
     keep_checkpoints: int = 3  # the last few, plus the best by eval loss
     resume: bool = False
+    overwrite: bool = False  # replace an earlier svd-serve run at ``out`` (its files only)
     device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
     progress: bool = True
 
@@ -166,8 +168,8 @@ def train(cfg: TrainConfig) -> Path:
     resume_dir = _latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_dir is None:
         raise SvdServeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if not cfg.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise SvdServeError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
+    if not cfg.resume:
+        _prepare_out(cfg)
 
     # processes and devices
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -258,6 +260,7 @@ def train(cfg: TrainConfig) -> Path:
     metrics = out / "metrics.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
         _truncate_metrics(metrics, start)
 
     def evaluate() -> float:
@@ -463,6 +466,22 @@ def _check_reg(method: str, keys: list[str]) -> None:
             raise SvdServeError(f"--reg {key}: not a regularizer coefficient of {method} ({has})")
 
 
+def _prepare_out(cfg: TrainConfig) -> None:
+    """A fresh run needs an empty (or new) ``out``; with ``overwrite`` an earlier run's files there
+    are removed first (and only those: a directory svd-serve did not write is refused)."""
+    out = Path(cfg.out)
+    if out.is_dir() and (out / "checkpoints").is_dir() and not cfg.overwrite:
+        raise SvdServeError(f"{out} already holds checkpoints: pass --resume to continue, --overwrite to "
+                            "start over, or another --out")
+    check_out(out, [cfg.base, cfg.data, cfg.eval_data, cfg.calib_data], cfg.overwrite)
+    if cfg.overwrite and out.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        removed = [p for p in (out / name for name in RUN_FILES) if p.exists()]
+        for p in removed:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if removed:
+            print(f"note: --overwrite removed the earlier run's {', '.join(p.name for p in removed)} in {out}")
+
+
 def _check_writable(out: Path) -> None:
     """Fail before any work if ``out`` cannot be created or written (nothing is created here)."""
     existing = out
@@ -514,10 +533,10 @@ def _latest_checkpoint(out: Path) -> Path | None:
 def _save_final(adapters: AdapterSet, out: Path) -> None:
     """The adapter files at ``out`` itself, beside checkpoints/ and the records (which atomic_dir(out)
     would replace): write to a temporary folder, then move the weights and, last, the config in."""
-    tmp = adapters.save(out / ".final.tmp")
+    tmp = adapters.save(out / ".final.tmp", overwrite=True)
     os.replace(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME)
     os.replace(tmp / CONFIG_NAME, out / CONFIG_NAME)
-    tmp.rmdir()
+    shutil.rmtree(tmp)  # (only its marker is left)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

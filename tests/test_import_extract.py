@@ -77,7 +77,7 @@ def test_import_lora_pissa_olora(base, run_cli, tmp_path, init):
     variants = [[]] + ([["--initial", tmp_path / "initial"]] if init else [])
     for extra in variants:
         code, out = run_cli("import", "--from", "peft", tmp_path / "peft", "--base", base, *extra,
-                            "--out", tmp_path / "native")
+                            "--out", tmp_path / "native", "--overwrite")
         assert code == 0, out
         model = load_base(base)
         AdapterSet.load(tmp_path / "native", model).attach(model)
@@ -133,9 +133,10 @@ def test_extract(base, run_cli, tmp_path):
 def test_bad_input(base, run_cli, tmp_path):
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2")
     peft_train(base, cfg, steps=0).save_pretrained(tmp_path / "niter")
+    (tmp_path / "plain").mkdir()
     cases = [
         (["import", "--from", "peft", tmp_path / "niter", "--base", base], "--initial"),
-        (["import", "--from", "peft", tmp_path, "--base", base], "not a PEFT adapter"),
+        (["import", "--from", "peft", tmp_path / "plain", "--base", base], "not a PEFT adapter"),
         (["extract", "--base", base, "--finetuned", base, "--energy", 1.5], "(0, 1]"),
         (["extract", "--base", base, "--finetuned", base, "--rank", 2, "--energy", 0.5], "exactly one of"),
         (["extract", "--base", base, "--finetuned", base, "--rank", 2], "does not differ"),

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SvdServeError
-
-Factors = tuple[Tensor, Tensor]  # (A [r, n], B [m, r]) with ΔW = B @ A
+from ..linalg import LowRank
 
 
 @dataclass
@@ -62,11 +60,11 @@ class Adapter(nn.Module):
         calibration input covariance ``cov [n, n]`` (float64)."""
         raise NotImplementedError
 
-    def trainable_factors(self) -> Factors:
+    def trainable_factors(self) -> LowRank:
         """The part of ΔW that depends on trainable parameters, differentiable, scale included."""
         raise NotImplementedError
 
-    def frozen_factors(self) -> Factors | None:
+    def frozen_factors(self) -> LowRank | None:
         """The constant part of ΔW (a residual base, dropped components), or None."""
         return None
 
@@ -86,22 +84,19 @@ class Adapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The correction ``ΔW x`` (the wrapper adds it to the base output)."""
-        a, b = self.trainable_factors()
-        xa = x.to(a.dtype)
-        out = F.linear(F.linear(xa, a), b)
+        trainable = self.trainable_factors()
+        xa = x.to(trainable.A.dtype)
+        out = trainable.apply(xa)
         frozen = self.frozen_factors()
         if frozen is not None:
-            out = out + F.linear(F.linear(xa, frozen[0]), frozen[1])
+            out = out + frozen.apply(xa)
         return out.to(x.dtype)
 
     @torch.no_grad()
-    def delta(self) -> Factors:
+    def delta(self) -> LowRank:
         """Exact factors ``(A, B)`` of ``W_adapted − W_original`` (rank ≤ :meth:`rank_bound`)."""
-        a, b = self.trainable_factors()
-        frozen = self.frozen_factors()
-        if frozen is not None:
-            a, b = torch.cat([a, frozen[0]]), torch.cat([b, frozen[1]], dim=1)
-        return a.detach().float(), b.detach().float()
+        trainable, frozen = self.trainable_factors(), self.frozen_factors()
+        return (LowRank.cat([trainable, frozen]) if frozen is not None else trainable).float()
 
 
 def kaiming_(t: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SvdServeError
+from ..linalg import LowRank
 from .base import Options
 from .residual import Residual
 
@@ -47,8 +48,7 @@ class CorDA(Residual):
         v = (vh @ inv).T
         r = self.opts.rank
         sel = slice(0, r) if self.mode == "ipa" else slice(-r, None)
-        root = (s[sel] / self.scale).sqrt()
-        return u[:, sel] * root, root[:, None] * v[:, sel].T
+        return LowRank.from_svd(u[:, sel], s[sel], v[:, sel].T, self.scale)
 
 
 class CorDAIPA(CorDA):

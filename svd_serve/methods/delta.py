@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from ..errors import SvdServeError
-from .base import Factors
+from ..linalg import LowRank
 from .lora import LoRA
 
 
@@ -21,5 +21,5 @@ class Delta(LoRA):
             raise SvdServeError(f"delta: rank {self.opts.rank} must be at least 1")
         super().build()
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import minor_svd
-from .base import Adapter, Factors, Options, kaiming_, orthogonality
+from ..linalg import LowRank, minor_svd
+from .base import Adapter, Options, kaiming_, orthogonality
 
 
 @dataclass
@@ -51,11 +51,11 @@ class KaSA(Adapter):
         self.B.zero_()
         self.d.normal_()
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * (self.d * self.scale)
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * (self.d * self.scale))
 
-    def frozen_factors(self) -> Factors:
-        return self.dropped_vh, -self.dropped_us
+    def frozen_factors(self) -> LowRank:
+        return LowRank(self.dropped_vh, -self.dropped_us)
 
     def regularizer(self):
         return self.opts.beta * self.d.square().sum() + self.opts.gamma * orthogonality(self.A, self.B)

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from ..errors import SvdServeError
-from .base import Factors, Options
-from .residual import Residual, split_sqrt
+from ..linalg import LowRank
+from .base import Options
+from .residual import Residual
 
 
 @dataclass
@@ -40,10 +41,10 @@ class KORE(Residual):
         _, evecs = torch.linalg.eigh(cov.double())
         null = evecs[:, :r].float()  # [n, r], smallest eigenvalues
         u, s, qh = torch.linalg.svd(weight @ null, full_matrices=False)  # W N = U S Qᵀ
-        return split_sqrt(u, s, qh @ null.T, self.scale)  # W N Nᵀ = U S (N Q)ᵀ
+        return LowRank.from_svd(u, s, qh @ null.T, self.scale)  # W N Nᵀ = U S (N Q)ᵀ
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.scale
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.scale)
 
     def rank_bound(self) -> int:
         return self.opts.rank if self.opts.freeze_a else 2 * self.opts.rank

@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Factors, kaiming_
+from ..linalg import LowRank
+from .base import Adapter, kaiming_
 
 
 class LoRA(Adapter):
@@ -21,8 +22,8 @@ class LoRA(Adapter):
         kaiming_(self.A)
         self.B.zero_()
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.scale
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.scale)
 
     def rank_bound(self) -> int:
         return self.opts.rank

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..linalg import top_svd
 from .base import Options
-from .residual import Residual, split_sqrt
+from ..linalg import LowRank, top_svd
+from .residual import Residual
 
 
 @dataclass
@@ -22,4 +22,4 @@ class PiSSA(Residual):
 
     def components(self, weight, cov):
         u, s, vh = top_svd(weight, self.opts.rank, self.opts.niter)
-        return split_sqrt(u, s, vh, self.scale)
+        return LowRank.from_svd(u, s, vh, self.scale)

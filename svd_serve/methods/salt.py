@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SvdServeError
-from .base import Adapter, Factors, Options, kaiming_
+from ..linalg import LowRank
+from .base import Adapter, Options, kaiming_
 
 
 @dataclass
@@ -61,11 +62,11 @@ class SALT(Adapter):
         s = self.S[: self.ks]
         return F.relu(self.scale_a * s + self.shift_b) - s
 
-    def trainable_factors(self) -> Factors:
+    def trainable_factors(self) -> LowRank:
         ks = self.ks
         a = torch.cat([self.Vh[:ks], self.Y @ self.Vh[ks:]])
         b = torch.cat([self.U[:, :ks] * self.top_delta(), self.U[:, ks:] @ self.X], dim=1)
-        return a, b
+        return LowRank(a, b)
 
     def regularizer(self):
         if self.opts.reg == 0:

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import top_svd
-from .base import Adapter, Factors, Options, orthogonality
+from ..linalg import LowRank, top_svd
+from .base import Adapter, Options, orthogonality
 
 
 @dataclass
@@ -41,11 +41,11 @@ class SORSA(Adapter):
             p.copy_(v)
             p0.copy_(v)
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.S
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.S)
 
-    def frozen_factors(self) -> Factors:
-        return self.A0, self.B0 * -self.S0
+    def frozen_factors(self) -> LowRank:
+        return LowRank(self.A0, self.B0 * -self.S0)
 
     def regularizer(self):
         return self.opts.gamma * orthogonality(self.A, self.B)

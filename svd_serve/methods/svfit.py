@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import top_svd
-from .base import Adapter, Factors, Options
+from ..linalg import LowRank, top_svd
+from .base import Adapter, Options
 
 
 @dataclass
@@ -40,8 +40,8 @@ class SVFit(Adapter):
         self.sigma.copy_(s)
         self.sigma0.copy_(s)
 
-    def trainable_factors(self) -> Factors:
-        return self.Vh, self.U * (self.sigma - self.sigma0)
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.Vh, self.U * (self.sigma - self.sigma0))
 
     def rank_bound(self) -> int:
         return self.svd_rank()
