@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .linalg import LowRank
 from .model import add_low_rank_, check_base_dir, fingerprint_digest, fingerprint_stride
 
 SAFE_NAME = "model.safetensors"
@@ -66,8 +67,8 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors code: "BF16", "F32", ...
     shape: tuple[int, ...]
-    offset: int = -1  # absolute offset of the data in a safetensors file (-1: a .bin entry)
-    nbytes: int = 0
+    offset: int  # absolute offset of the data in a safetensors file (-1: a .bin entry)
+    nbytes: int
 
     @property
     def numel(self) -> int:
@@ -121,7 +122,8 @@ class Checkpoint:
             self.is_safetensors = False
             for file in self._index_files(BIN_INDEX, BIN_NAME):
                 for name, t in self._bin(file).items():
-                    self.tensors[name] = TensorInfo(file, DTYPE_CODES[t.dtype], tuple(t.shape))
+                    self.tensors[name] = TensorInfo(file, DTYPE_CODES[t.dtype], tuple(t.shape), -1,
+                                                    t.numel() * t.element_size())
         else:
             raise SvdServeError(f"{self.path} has neither {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} nor {BIN_INDEX}")
         self._index_check()
@@ -160,7 +162,7 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors (what the checkpoint takes on disk, headers aside)."""
-        return sum(i.numel * DTYPES[i.dtype].itemsize for i in self.tensors.values())
+        return sum(i.nbytes for i in self.tensors.values())
 
     def info(self, name: str) -> TensorInfo:
         if name not in self.tensors:
@@ -257,6 +259,23 @@ class Checkpoint:
         return fingerprint_digest(samples())
 
 
+def return_freed_memory() -> None:
+    """Have glibc's malloc give buffers of 1 MiB or more back to the system as soon as they are
+    freed. By default it raises its mmap threshold to the largest buffer freed so far (up to 32 MiB)
+    and serves later buffers of that size from a heap that fragments and keeps growing, so that
+    processing one module at a time would still add up over a model. The streaming commands call
+    this once; training keeps the default (its buffers are reused, and faster so). No effect
+    without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def copy_model_files(src: str | Path, dst: str | Path) -> None:
     """Config, generation config and tokenizer files of a model directory (whichever exist)."""
     for name in MODEL_FILES:
@@ -282,20 +301,24 @@ def parse_size(size: int | str | None) -> int | None:
 
 def plan_shards(ckpt: Checkpoint, max_shard_size: int | None = None) -> dict[str, list[str]]:
     """Output file → tensor names. Without ``max_shard_size``: the base's own layout (``.bin`` shard
-    names become ``.safetensors``); with it: shards filled in order up to that many bytes (a larger
+    names become ``.safetensors``); with it: :func:`shard_by_size`."""
+    if max_shard_size is not None:
+        return shard_by_size({n: i.nbytes for n, i in ckpt.tensors.items()}, max_shard_size)
+    plan: dict[str, list[str]] = {}
+    for name, info in ckpt.tensors.items():
+        file = info.file.name
+        if not ckpt.is_safetensors:
+            file = SAFE_NAME if file == BIN_NAME else file.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        plan.setdefault(file, []).append(name)
+    return plan
+
+
+def shard_by_size(sizes: dict[str, int], max_shard_size: int) -> dict[str, list[str]]:
+    """Tensors (name → bytes, in order) in shards filled up to ``max_shard_size`` bytes (a larger
     tensor gets a shard of its own), named as ``save_pretrained`` names them."""
-    if max_shard_size is None:
-        plan: dict[str, list[str]] = {}
-        for name, info in ckpt.tensors.items():
-            file = info.file.name
-            if not ckpt.is_safetensors:
-                file = SAFE_NAME if file == BIN_NAME else file.replace("pytorch_model", "model").replace(".bin", ".safetensors")
-            plan.setdefault(file, []).append(name)
-        return plan
     shards: list[list[str]] = [[]]
     size = 0
-    for name, info in ckpt.tensors.items():
-        n = info.numel * DTYPES[info.dtype].itemsize
+    for name, n in sizes.items():
         if shards[-1] and size + n > max_shard_size:
             shards.append([])
             size = 0
@@ -409,11 +432,12 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int
         src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
 
 
-def write_folded(ckpt: Checkpoint, out: Path, modules: list[str], delta: Callable[[str], tuple[Tensor, Tensor]],
+def write_folded(ckpt: Checkpoint, out: Path, modules: list[str], delta: Callable[[str], LowRank | Tensor],
                  max_shard_size: int | None = None, progress: bool = True) -> None:
-    """Write ``ckpt`` to the (empty) directory ``out`` with ``W ← W + B A`` for every module of
-    ``modules``, where ``(A, B) = delta(module)`` is asked for once per module, in the order given,
-    just before its weight is written (so a caller can compute it then, one module at a time).
+    """Write ``ckpt`` to the (empty) directory ``out`` with ``W ← W + ΔW`` for every module of
+    ``modules``, where ``ΔW = delta(module)`` (factors ``(A, B)``, or a dense ``[m, n]`` matrix) is
+    asked for once per module, in the order given, just before its weight is written (so a caller
+    can compute it then, one module at a time).
 
     ``W + B A`` is computed in float32 and rounded once to the weight's dtype; every other tensor is
     copied unchanged; the files follow the base's shard layout (or ``max_shard_size``) and are
@@ -438,7 +462,11 @@ def write_folded(ckpt: Checkpoint, out: Path, modules: list[str], delta: Callabl
                 bar.update()
         for key, module in keys.items():
             weight = ckpt.read(key)
-            add_low_rank_(weight, *delta(module))
+            d = delta(module)
+            if isinstance(d, Tensor):  # no product with an identity factor for a dense ΔW
+                weight = (weight.float() + d.float()).to(weight.dtype)
+            else:
+                add_low_rank_(weight, *d)
             writer.write(key, weight)
             del weight
             bar.update()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import AdapterSet
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, return_freed_memory
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
 from .io import check_out
@@ -101,6 +101,7 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
     check_out(out, [base, *adapter_dirs], overwrite)
+    return_freed_memory()
     ckpt = Checkpoint(base)
     sets = [AdapterSet.load(p, ckpt) for p in adapter_dirs]
     exported = [to_exported(n, Path(p), s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]

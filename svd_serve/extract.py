@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapter import delta_adapter
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, return_freed_memory
 from .errors import SvdServeError
 from .io import check_out
 from .linalg import LowRank
@@ -29,14 +29,16 @@ def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return next((i + 1 for i, c in enumerate(cum) if c >= energy * (1 - 1e-12)), s.numel())
 
 
-def same_tensor(base: Checkpoint, tuned: Checkpoint, name: str) -> bool:
-    """Whether tensor ``name`` has the same values in both (compared in float32, as loaded models)."""
+def same_tensor(base: Checkpoint, tuned: Checkpoint, name: str, block: int = 1 << 24) -> bool:
+    """Whether tensor ``name`` has the same values in both (in float32, as loaded models would
+    compare, ``block`` values at a time when the dtypes differ)."""
     a, b = base.read(name), tuned.read(name)
     if a.shape != b.shape:
         return False
-    if a.is_floating_point() or b.is_floating_point():
-        return torch.equal(a.float(), b.float())
-    return torch.equal(a, b)
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    a, b = a.reshape(-1), b.reshape(-1)
+    return all(torch.equal(a[i:i + block].float(), b[i:i + block].float()) for i in range(0, a.numel(), block))
 
 
 @torch.no_grad()
@@ -50,6 +52,7 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
     inputs = [base, finetuned]
     check_out(out, inputs, overwrite)
+    return_freed_memory()
     ckpt, tuned = Checkpoint(base), Checkpoint(finetuned)
     if ckpt.architecture != tuned.architecture:
         raise SvdServeError(f"the fine-tune is a {tuned.architecture}, the base a {ckpt.architecture}")

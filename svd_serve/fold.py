@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .adapter import AdapterSet
-from .checkpoint import Checkpoint, parse_size, write_folded
+from .checkpoint import Checkpoint, parse_size, return_freed_memory, write_folded
 from .io import atomic_dir, check_out
 
 
@@ -17,6 +17,7 @@ def fold(base: str | Path, adapter: str | Path, out: str | Path, max_shard_size:
          overwrite: bool = False) -> Path:
     max_shard_size = parse_size(max_shard_size)
     check_out(out, [base, adapter], overwrite)
+    return_freed_memory()
     ckpt = Checkpoint(base)
     adapters = AdapterSet.load(adapter, ckpt)
     layers = dict(adapters.items())

@@ -61,8 +61,9 @@ def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int |
         raise SvdServeError("--max-rank must be at least 1")
     ckpt = None
     if base is not None:
-        from .checkpoint import Checkpoint
+        from .checkpoint import Checkpoint, return_freed_memory
 
+        return_freed_memory()
         ckpt = Checkpoint(base)
     adapters = AdapterSet.load(adapter, ckpt)
     try:

@@ -3,8 +3,9 @@ Twin-Merging base plus per-task adapters.
 
 Every method sees, per module, each adapter's exact task vector ``τ_i = ΔW_i = B_i A_i`` against the
 original base (``AdapterSet.deltas``), as factors ``(A [r, n], B [m, r])``, and returns the merged
-``ΔW`` as factors again. Linear, task arithmetic, TSV and KnOTS never form an ``m × n`` matrix; the
-element-wise methods (TIES, DARE) need the dense ``τ_i`` and build them one module at a time.
+``ΔW``: as factors (linear, task arithmetic, TSV and KnOTS, which never form an ``m × n`` matrix), or
+as that module's dense ``m × n`` matrix (the element-wise methods, TIES and DARE, which need the
+dense ``τ_i``). Modules are merged one at a time, in model order, just before they are written.
 ``λ`` (``--lambda``) scales the merged ΔW of every method. Formulas: mergekit's
 ``generalized_task_arithmetic`` for TIES/DARE (TIES normalises by ``Σ w_i M_i``, DARE rescales each
 dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS papers for the others.
@@ -20,11 +21,14 @@ import torch
 from torch import Tensor
 
 from .adapter import AdapterSet, delta_adapter
-from .checkpoint import Checkpoint, parse_size, write_folded
+from .checkpoint import Checkpoint, parse_size, return_freed_memory, write_folded
 from .errors import SvdServeError
 from .io import atomic_dir, check_out
 from .linalg import LowRank, compress, exact_rank, factored_svd
 from .model import linear_names
+
+Merged = LowRank | Tensor  # a merged ΔW: factors, or the dense [m, n] matrix of an element-wise merge
+
 
 @dataclass
 class MergeParams:
@@ -40,19 +44,26 @@ def concat(factors: list[LowRank], coeffs: list[float]) -> LowRank:
     return LowRank.cat([LowRank(a, b * c) for (a, b), c in zip(factors, coeffs)])
 
 
-def from_dense(d: Tensor) -> LowRank:
-    """A dense ``[m, n]`` ΔW as factors ``(I, D)`` or ``(D, I)``, whichever is smaller."""
-    m, n = d.shape
-    return LowRank(torch.eye(n), d) if n <= m else LowRank(d, torch.eye(m))
+def as_factors(delta: Merged) -> LowRank:
+    """A merged ΔW as factors: a dense ``[m, n]`` one as ``(I, D)`` or ``(D, I)``, whichever is smaller."""
+    if isinstance(delta, LowRank):
+        return delta
+    m, n = delta.shape
+    return LowRank(torch.eye(n), delta) if n <= m else LowRank(delta, torch.eye(m))
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
-    """TIES: keep the ``⌊density · numel⌋`` (at least one) largest magnitudes of ``tau``."""
+    """TIES: keep the ``⌊density · numel⌋`` (at least one) largest magnitudes of ``tau``, zero the
+    rest. Found by selection (``kthvalue``), not by sorting: mergekit's ``argsort`` keeps the same
+    entries wherever magnitudes are distinct (among equal magnitudes at the threshold, either picks
+    some; this one the first), in a fraction of the time and memory."""
     if density >= 1:
         return tau
     k = max(1, int(density * tau.numel()))
-    keep = torch.zeros(tau.numel(), dtype=tau.dtype)
-    keep[torch.argsort(tau.abs().reshape(-1), descending=True)[:k]] = 1
+    mag = tau.abs().reshape(-1)
+    threshold = mag.kthvalue(mag.numel() - k + 1).values  # the k-th largest
+    keep = mag > threshold
+    keep[(mag == threshold).nonzero().squeeze(1)[: k - int(keep.sum())]] = True
     return tau * keep.view_as(tau)
 
 
@@ -92,22 +103,22 @@ def task_arithmetic(deltas: list[LowRank], p: MergeParams) -> LowRank:
     return concat(deltas, [p.lam * w for w in p.weights])
 
 
-def ties(deltas: list[LowRank], p: MergeParams) -> LowRank:
+def ties(deltas: list[LowRank], p: MergeParams) -> Tensor:
     """Trim each τ_i to its top ``density`` magnitudes, elect signs, disjoint weighted mean."""
     taus = [trim(d.dense(), p.density) for d in deltas]
-    return from_dense(p.lam * elect(taus, p.weights, normalize=True))
+    return p.lam * elect(taus, p.weights, normalize=True)
 
 
-def dare_linear(deltas: list[LowRank], p: MergeParams) -> LowRank:
+def dare_linear(deltas: list[LowRank], p: MergeParams) -> Tensor:
     """Random drop (keep ``density``) with L1 rescale, then ``Σ w_i τ̃_i``."""
     taus = [drop(d.dense(), p.density, p.generator) for d in deltas]
-    return from_dense(p.lam * sum(w * t for w, t in zip(p.weights, taus)))
+    return p.lam * sum(w * t for w, t in zip(p.weights, taus))
 
 
-def dare_ties(deltas: list[LowRank], p: MergeParams) -> LowRank:
+def dare_ties(deltas: list[LowRank], p: MergeParams) -> Tensor:
     """DARE's random drop, then TIES' sign election (summed, not normalised, as mergekit)."""
     taus = [drop(d.dense(), p.density, p.generator) for d in deltas]
-    return from_dense(p.lam * elect(taus, p.weights, normalize=False))
+    return p.lam * elect(taus, p.weights, normalize=False)
 
 
 def tsv(deltas: list[LowRank], p: MergeParams) -> LowRank:
@@ -151,7 +162,7 @@ def knots(deltas: list[LowRank], p: MergeParams) -> LowRank:
     return LowRank(p.lam * merged, u.float())
 
 
-MERGES: dict[str, Callable[[list[LowRank], MergeParams], LowRank]] = {
+MERGES: dict[str, Callable[[list[LowRank], MergeParams], Merged]] = {
     "linear": linear,
     "task_arithmetic": task_arithmetic,
     "ties": ties,
@@ -206,6 +217,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     max_shard_size = parse_size(max_shard_size)
     inputs = [base, *adapter_dirs]
     check_out(out, inputs, overwrite)
+    return_freed_memory()
     ckpt = Checkpoint(base)
     sets = []
     for path in adapter_dirs:
@@ -227,7 +239,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         return [d[name].factors if name in d else zero for d in all_deltas]
 
     # modules are merged in model order, one at a time (DARE's masks are drawn in that order)
-    def merged(name: str) -> LowRank:
+    def merged(name: str) -> Merged:
         return merge_fn(task_vectors(name), params)
 
     report: dict = {"method": method, "modules": len(modules), "out": str(out)}
@@ -237,7 +249,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         report["kind"] = "checkpoint"
         return report
     if method != "twin":
-        lows = {name: compress(*merged(name), max_rank=rank) for name in modules}
+        lows = {name: compress(*as_factors(merged(name)), max_rank=rank) for name in modules}
         delta_adapter({n: lr.factors for n, lr in lows.items()}, ckpt.architecture,
                       ckpt.fingerprint(modules), str(base)).save(out, inputs, overwrite)
         report.update(kind="adapter", **_rank_report(lows))
@@ -246,11 +258,12 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     # twin: the shared merge becomes the new base; each task keeps its residual τ_t − ΔW* at --rank
     residuals: list[dict] = [{} for _ in sets]
 
-    def shared_merge(name: str) -> LowRank:
-        sa, sb = merged(name)
+    def shared_merge(name: str) -> Merged:
+        shared_delta = merged(name)
+        sa, sb = as_factors(shared_delta)
         for t, (a, b) in enumerate(task_vectors(name)):
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
-        return LowRank(sa, sb)
+        return shared_delta
 
     with atomic_dir(out, inputs, overwrite) as tmp:
         (tmp / "base").mkdir()
