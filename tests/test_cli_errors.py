@@ -23,19 +23,6 @@ def assert_clean_failure(code: int, output: str, out: Path, *needles: str) -> st
 
 
 @pytest.fixture(scope="module")
-def trained_adapter(tiny_model, qa_data, tmp_path_factory):
-    """An adapter trained for one step on tiny llama (seed 0)."""
-    from svd_serve.cli import main
-    from conftest import _invoke
-
-    out = tmp_path_factory.mktemp("adapter") / "kasa"
-    code, output = _invoke(main, ["train", "--base", str(tiny_model("llama")), "--data", str(qa_data),
-                                  "--steps", "1", "--out", str(out)])
-    assert code == 0, output
-    return out
-
-
-@pytest.fixture(scope="module")
 def other_llama(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("llama-seed1") / "model", "llama", seed=1)
 
