@@ -187,6 +187,8 @@ def summary_table(summary: dict, held: str, where: Path) -> list[str]:
             rows.append((f"  served by vLLM: {name}", f"greedy tokens {'match' if c['tokens_match'] else 'DIFFER'}, "
                                                       f"max |Δ logprob| {c['max_logprob_gap']:.1e}", ""))
     rows.append(("summary", f"{summary['seconds']:.0f} s", str(where)))
+    rows.insert(0, ("step", "check", "output"))
     w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
     line = "─" * (w0 + w1 + 4 + max(len(r[2]) for r in rows))
-    return [line] + [f"{a:{w0}s}  {b:{w1}s}  {c}".rstrip() for a, b, c in rows] + [line]
+    text = [f"{a:{w0}s}  {b:{w1}s}  {c}".rstrip() for a, b, c in rows]
+    return [line, text[0], line, *text[1:], line]

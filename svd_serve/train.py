@@ -46,6 +46,7 @@ from .distributed import Processes
 from .errors import SvdServeError
 from .io import MARKER
 from .methods import DEFAULT_METHOD, Options, get_method
+from .methods.base import field_kind, parse_value
 from .model import absorb_frozen, check_base_dir, load_base, resolve_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
@@ -116,6 +117,13 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise SvdServeError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        for key, value in values.items():  # YAML reads 1e-4 as a string: parse by the field's type
+            kind, optional = field_kind(TrainConfig, key)
+            if kind is not None:
+                try:
+                    values[key] = parse_value(kind, optional, key, value)
+                except SvdServeError as e:
+                    raise SvdServeError(f"{path}: {e}") from None
     values.update(overrides)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None  # 0 turns clipping off

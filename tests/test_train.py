@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import adapter_tensors, max_diff
 
+from svd_serve.errors import SvdServeError
 from svd_serve.train import TrainConfig, global_batch, load_config, lr_at
 from svd_serve.train import train as run_train
 
@@ -165,8 +166,6 @@ def test_resume_refuses_a_different_global_batch(tiny_model, qa_data, tmp_path, 
 
 
 def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_model, qa_data, tmp_path, monkeypatch):
-    from svd_serve.errors import SvdServeError
-
     real_save = torch.save
 
     def disk_full_at_step_4(obj, f, *a, **k):
@@ -220,6 +219,19 @@ def test_flags_override_the_config_file(tmp_path):
                                   "options": {"rank": 4}, "max_grad_norm": 0}))
     c = load_config(config, lr=0.5, reg=["gamma=1e-2"])
     assert (c.lr, c.method, c.options, c.reg, c.max_grad_norm) == (0.5, "sorsa", {"rank": 4}, {"gamma": 1e-2}, None)
+
+
+def test_config_file_values_are_parsed_by_type(tmp_path):
+    """YAML reads ``1e-4`` as a string; each value is parsed by its TrainConfig field's type."""
+    config = tmp_path / "run.yaml"
+    config.write_text("base: b\ndata: d\nout: o\nlr: 1e-4\neval_split: 5e-2\nsteps: '10'\npack: yes\n"
+                      "max_grad_norm: none\n")
+    c = load_config(config)
+    assert (c.lr, c.eval_split, c.steps, c.pack, c.max_grad_norm) == (1e-4, 0.05, 10, True, None)
+    assert type(c.lr) is float and type(c.steps) is int
+    config.write_text("base: b\ndata: d\nout: o\nsteps: ten\n")
+    with pytest.raises(SvdServeError, match="run.yaml: option steps must be an integer, not 'ten'"):
+        load_config(config)
 
 
 # --- bad inputs -------------------------------------------------------------------------------------

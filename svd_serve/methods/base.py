@@ -85,12 +85,10 @@ class Options:
     @classmethod
     def kind(cls, name: str) -> tuple[type, bool]:
         """``(bool | int | float, whether None is allowed)`` of field ``name``, from its annotation."""
-        hint = typing.get_type_hints(cls)[name]
-        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        kinds = [a for a in args if a is not type(None)]
-        if len(kinds) != 1 or kinds[0] not in (bool, int, float):
-            raise TypeError(f"{cls.__name__}.{name}: an option is a bool, int or float (or None), not {hint}")
-        return kinds[0], len(kinds) < len(args)
+        kind, optional = field_kind(cls, name)
+        if kind is None:
+            raise TypeError(f"{cls.__name__}.{name}: an option is a bool, int or float (or None)")
+        return kind, optional
 
     @classmethod
     def regularizer_weights(cls) -> list[str]:
@@ -99,20 +97,7 @@ class Options:
     @classmethod
     def parse(cls, name: str, raw: Any) -> Any:
         """The value of option ``name`` from a command-line string (typed values pass through)."""
-        if not isinstance(raw, str):
-            return raw
-        kind, optional = cls.kind(name)
-        text = raw.strip().lower()
-        if optional and text == "none":
-            return None
-        if kind is bool:
-            if text not in _TRUE + _FALSE:
-                raise SvdServeError(f"option {name} is true or false, not {raw!r}")
-            return text in _TRUE
-        try:
-            return kind(raw)
-        except ValueError:
-            raise SvdServeError(f"option {name} must be {_a(kind)}, not {raw!r}") from None
+        return parse_value(*cls.kind(name), name, raw)
 
     @classmethod
     def check_keys(cls, keys, method: str) -> None:
@@ -132,6 +117,33 @@ class Options:
             return cls(**{k: cls.parse(k, v) for k, v in values.items()})
         except SvdServeError as e:
             raise SvdServeError(f"{method}: {e}") from None
+
+
+def field_kind(cls: type, name: str) -> tuple[type | None, bool]:
+    """``(bool | int | float, or None for any other type; whether None is allowed)`` of a dataclass
+    field, from its annotation."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    kind = kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
+    return kind, len(kinds) < len(args)
+
+
+def parse_value(kind: type, optional: bool, name: str, raw: Any) -> Any:
+    """``raw`` as a ``kind`` if it is a string (``none`` → None where allowed); other values pass through."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip().lower()
+    if optional and text == "none":
+        return None
+    if kind is bool:
+        if text not in _TRUE + _FALSE:
+            raise SvdServeError(f"option {name} is true or false, not {raw!r}")
+        return text in _TRUE
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SvdServeError(f"option {name} must be {_a(kind)}, not {raw!r}") from None
 
 
 def _a(kind: type) -> str:
