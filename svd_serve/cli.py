@@ -180,11 +180,11 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 
 
 @cli.command()
-@click.option("--target", required=True, type=click.Choice(["vllm"]))
+@click.option("--target", required=True, type=click.Choice(["vllm"]), help="The engine that serves the export.")
 @click.option("--base", required=True, type=click.Path(), help="The base the export was made for.")
 @click.option("--export", "export_dir", required=True, type=click.Path(), help="Output of `svd-serve export`.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat; default: three built-in).")
-@click.option("--max-tokens", default=16, show_default=True, type=int)
+@click.option("--max-tokens", default=16, show_default=True, type=int, help="New tokens per prompt.")
 @click.option("--tol", default=1e-3, show_default=True, type=float, help="Largest accepted |Δ logprob|.")
 @click.option("--kv-cache-mib", default=1024, show_default=True, type=int, help="vLLM KV cache size.")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report (with tokens) here.")
@@ -295,8 +295,8 @@ def extract(base, finetuned, max_rank, old_rank, energy, targets, out, overwrite
 @cli.command()
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An `export --target onnx` folder.")
 @click.option("--adapter", help="Adapter name from the export's manifest, or an .onnx_adapter file (default: the base).")
-@click.option("--prompt", required=True)
-@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="New tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy.")
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
 def generate(onnx_dir, adapter, prompt, max_new_tokens, temperature, seed):

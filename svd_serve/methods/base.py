@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import textwrap
 import types
 import typing
@@ -29,6 +30,7 @@ from ..errors import SvdServeError
 from ..linalg import LowRank
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
 def opt(default: Any, doc: str, *, reg: bool = False, ge: float | None = None, gt: float | None = None,
@@ -72,11 +74,10 @@ class Options:
                 raise SvdServeError(f"option {name} must be {_a(kind)}, not {value!r}")
             if kind is float and not math.isfinite(value):
                 raise SvdServeError(f"option {name} must be finite, not {value}")
-            meta = f.metadata
-            for key, ok, sign in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                                  ("lt", lambda v, b: v < b, "<")):
-                if meta.get(key) is not None and not ok(value, meta[key]):
-                    raise SvdServeError(f"option {name} must be {sign} {meta[key]:g}, not {value:g}")
+            for key, (holds, sign) in _BOUNDS.items():
+                bound = f.metadata.get(key)
+                if bound is not None and not holds(value, bound):
+                    raise SvdServeError(f"option {name} must be {sign} {bound:g}, not {value:g}")
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -100,19 +101,14 @@ class Options:
         return parse_value(*cls.kind(name), name, raw)
 
     @classmethod
-    def check_keys(cls, keys, method: str) -> None:
-        """Refuse a key the method has no option for."""
+    def from_dict(cls, values: dict, method: str) -> "Options":
+        """The options from ``values`` (strings are parsed); a key the method does not have is refused."""
         fields = cls.fields()
-        unknown = sorted(set(keys) - set(fields))
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             has = f"its options: {', '.join(fields)}" if fields else "it has none"
             raise SvdServeError(f"method {method} has no option {', '.join(unknown)} ({has}; see "
                                 f"`svd-serve methods {method}`)")
-
-    @classmethod
-    def from_dict(cls, values: dict, method: str) -> "Options":
-        """The options from ``values`` (strings are parsed); a key the method does not have is refused."""
-        cls.check_keys(values, method)
         try:
             return cls(**{k: cls.parse(k, v) for k, v in values.items()})
         except SvdServeError as e:

@@ -34,8 +34,12 @@ class SALT(Adapter):
     Options = SALTOptions
     bound = "k_s + r"
 
+    @property
+    def ks(self) -> int:
+        """How many top singular values get a scale and shift."""
+        return max(1, int(self.k * self.opts.ratio))
+
     def check(self) -> None:
-        self.ks = max(1, int(self.k * self.opts.ratio))
         if not self.opts.rank < self.k - self.ks:
             raise SvdServeError(f"salt: rank {self.opts.rank} must be below the tail size k - k_s = "
                                 f"{self.k - self.ks} for a {self.m}x{self.n} layer")
