@@ -151,7 +151,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
         from .verify import verify
 
         log("serving the vLLM export with vLLM (float32, base and adapter in one batch) ...")
-        checks = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown], max_tokens=8)
+        checks = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown], max_new_tokens=8).checks
         exports["vllm"]["served"] = checks
         for name, c in checks.items():
             log(f"  vLLM {name:14s}: greedy tokens {'match' if c['tokens_match'] else 'DIFFER'}, "
