@@ -128,11 +128,11 @@ def providers() -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
 
 
-def check_installed() -> None:
+def check_installed(*modules: str) -> None:
+    """Refuse, with the install line, when a package this target needs is missing."""
     import importlib.util
 
-    missing = [m for m in ("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai", "peft")
-               if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise SvdServeError(f"--target onnx needs {', '.join(missing)}: pip install 'svd-serve[onnx]' "
                             "(or 'svd-serve[onnx-gpu]')")
@@ -260,7 +260,7 @@ def export(job: ExportJob, out: Path) -> dict:
         raise SvdServeError(f"--target onnx writes float32 (CPU) or float16 (CUDA) graphs, not {dtype}")
     np_dtype, precision = DTYPES[dtype]
     provider = "cuda" if dtype == "float16" or cuda_available() else "cpu"  # what the graph is built for
-    check_installed()
+    check_installed("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai", "peft")
     check_base(job.architecture, AutoConfig.from_pretrained(job.base))
     order = {m: i for i, m in enumerate(job.linear_modules)}
     union = sorted({m for a in job.adapters for m in a.A}, key=order.__getitem__)
@@ -573,7 +573,7 @@ class OnnxTarget(Target):
 
         from svd_serve.verify import BASE, engine, prepare, report
 
-        check_installed()
+        check_installed("onnx", "onnxruntime")
         manifest = read_manifest(export_dir)
         files = {n: check_adapter(export_dir, n) for n in manifest["adapters"]}
         factors = {n: adapter_factors(f) for n, f in files.items()}

@@ -173,8 +173,9 @@ def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, 
         max_new_tokens = max_tokens_alias
     result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib)
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        from .io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
     for line in result.lines():
         click.echo(line)
     if not result.ok:
