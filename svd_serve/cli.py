@@ -18,6 +18,7 @@ from .errors import SvdServeError
 from .merge import METHODS as MERGE_METHODS
 from .methods import METHODS
 from .train import DTYPES, SCHEDULES, TrainConfig
+from .verify import TOLERANCE, VerifyOptions
 
 TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the defaults of `train`
 DEMO = {k: p.default for k, p in inspect.signature(demo).parameters.items()}  # and of `demo`
@@ -180,27 +181,34 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 
 
 @cli.command()
-@click.option("--target", required=True, type=click.Choice(["vllm"]), help="The engine that serves the export.")
-@click.option("--base", required=True, type=click.Path(), help="The base the export was made for.")
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)),
+              help="The target the export was written for; it runs in that target's runtime.")
+@click.option("--base", required=True, type=click.Path(), help="The base the export was made for (a local directory).")
 @click.option("--export", "export_dir", required=True, type=click.Path(), help="Output of `svd-serve export`.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat; default: three built-in).")
-@click.option("--max-tokens", default=16, show_default=True, type=int, help="New tokens per prompt.")
-@click.option("--tol", default=1e-3, show_default=True, type=float, help="Largest accepted |Δ logprob|.")
-@click.option("--kv-cache-mib", default=1024, show_default=True, type=int, help="vLLM KV cache size.")
+@click.option("--max-new-tokens", default=VerifyOptions.max_new_tokens, show_default=True, type=int,
+              help="Greedy tokens generated per prompt.")
+@click.option("--max-tokens", "max_tokens_alias", type=int, hidden=True)
+@click.option("--tol", type=float, help="Largest accepted |Δ logprob| (default: "
+              + ", ".join(f"{v:g} for {k}" for k, v in TOLERANCE.items()) + " runtimes).")
+@click.option("--kv-cache-mib", default=VerifyOptions.kv_cache_mib, show_default=True, type=int,
+              help="vLLM's KV cache size.")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report (with tokens) here.")
-def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, json_out):
-    """Serve an export with vLLM (float32, one mixed batch) and compare with the HF model."""
+def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, tol, kv_cache_mib, json_out):
+    """Run an export in its target's runtime (vLLM, ONNX Runtime, PEFT) and compare greedy tokens and
+    logprobs with the Hugging Face model, for the base and every adapter. Exit status 1 on a mismatch."""
     from .verify import verify as run
 
-    report = run(target, base, export_dir, list(prompts) or None, max_tokens, tol, kv_cache_mib)
+    if max_tokens_alias is not None:
+        max_new_tokens = max_tokens_alias
+    result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib)
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(report, f, indent=2)
-    for name, r in report.items():
-        status = "ok" if r["ok"] else "MISMATCH"
-        click.echo(f"{name}: {status}: greedy tokens {'match' if r['tokens_match'] else 'differ'}, "
-                   f"max |Δ logprob| {r['max_logprob_gap']:.2e}")
-    if not all(r["ok"] for r in report.values()):
+        from .io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
+    for line in result.lines():
+        click.echo(line)
+    if not result.ok:
         sys.exit(1)
 
 
@@ -293,18 +301,27 @@ def extract(base, finetuned, max_rank, old_rank, energy, targets, out, overwrite
 
 
 @cli.command()
-@click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An `export --target onnx` folder.")
+@click.option("--export", "export_dir", type=click.Path(), help="An `export --target onnx` folder.  [required]")
+@click.option("--onnx", "onnx_alias", type=click.Path(), hidden=True)
 @click.option("--adapter", help="Adapter name from the export's manifest, or an .onnx_adapter file (default: the base).")
-@click.option("--prompt", required=True, help="The prompt text.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="New tokens to generate.")
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--prompt", required=True, help="Prompt text (used as given: no chat template).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many new tokens (or at EOS).")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy; > 0: sampling.")
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
-def generate(onnx_dir, adapter, prompt, max_new_tokens, temperature, seed):
+def generate(export_dir, onnx_alias, adapter, prompt, max_new_tokens, temperature, seed):
     """Generate from an ONNX export with onnxruntime-genai, with one adapter per request."""
-    from .generate import OnnxLM
+    from .converters import get_target
+    from .converters.onnx import check_generation
+    from .verify import engine
 
-    lm = OnnxLM.open(onnx_dir)
-    click.echo(lm.generate(prompt, adapter, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    export_dir = export_dir or onnx_alias
+    if export_dir is None:
+        raise click.UsageError("Missing option '--export'.")
+    check_generation(max_new_tokens, temperature)
+    with engine("onnxruntime-genai"):
+        lm = get_target("onnx").open(export_dir)
+        text = lm.generate(prompt, adapter, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    click.echo(text)
     click.echo(f"[{adapter or 'base'} on {lm.provider}]", err=True)
 
 

@@ -136,8 +136,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = DEF
     for target in TARGETS:
         log(f"exporting to {target} ...")
         try:
-            with logs.quiet(f"demo: export --target {target}"):
-                report = export(target, base, [adapter], out / "export" / target, overwrite=True)
+            report = export(target, base, [adapter], out / "export" / target, overwrite=True)
         except Exception as e:  # one target's missing runtime must not hide the others
             exports[target] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
             continue
@@ -147,8 +146,8 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = DEF
         from .verify import verify
 
         log("serving the vLLM export with vLLM (float32, base and adapter in one batch) ...")
-        with logs.quiet("demo: verify --target vllm"):
-            exports["vllm"]["served"] = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown], 8)
+        exports["vllm"]["served"] = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown],
+                                           max_new_tokens=8).checks
 
     summary = {"base": str(base), "method": method, "steps": steps, "adapter": str(adapter),
                "accuracy_before": before, "accuracy_after": after, "eval_rows": len(test),

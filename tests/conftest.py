@@ -16,6 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def log_in_tmp(tmp_path_factory):
+    """Library and engine output goes to a log file of the test session, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SVD_SERVE_LOG", str(tmp_path_factory.mktemp("log") / "svd-serve.log"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``tiny_model("llama")`` → path of a tiny random model + tokenizer, built once per session."""

@@ -25,6 +25,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def one_error(code: int, output: str, *needles: str) -> str:
+    """Exit 2, exactly one ``error:`` line holding every needle, no traceback; returns that line."""
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
 def invoke(*args) -> tuple[int, str]:
     """Run ``svd-serve ARGS`` in-process; returns (exit code, stdout+stderr)."""
     from svd_serve.cli import main
@@ -60,7 +71,7 @@ def perturb(adapters: AdapterSet, seed: int = 0, scale: float = 0.05) -> None:
 
 
 def make_adapter(base, out, method: str = "lora", rank: int = 4, targets: str = "q_proj,v_proj",
-                 seed: int = 0) -> Path:
+                 seed: int = 0, scale: float = 0.05) -> Path:
     """An adapter as if trained (:func:`perturb`), saved at ``out`` (returned). Methods that need
     calibration get covariances over a few fixed sentences."""
     from transformers import AutoTokenizer
@@ -75,7 +86,7 @@ def make_adapter(base, out, method: str = "lora", rank: int = 4, targets: str = 
         covs = input_covariances(model, names, rows, AutoTokenizer.from_pretrained(base))
     adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, covs,
                                  progress=False)
-    perturb(adapters, seed)
+    perturb(adapters, seed, scale)
     return adapters.save(out)
 
 

@@ -9,19 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_error
 
 
 def digest(path: Path) -> dict[str, str]:
     """Every file under ``path`` (or the file itself) with its content hash."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def refused(code: int, output: str, *needles: str) -> None:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def writing_commands(base: Path, trained_adapter: Path, data: Path):
@@ -45,7 +39,7 @@ def test_out_is_the_adapter(run_cli, tiny_model, qa_data, trained_adapter, comma
     args = writing_commands(tiny_model("llama"), trained_adapter, qa_data)[command]
     for extra in ([], ["--overwrite"]):  # even --overwrite never replaces an input
         code, output = run_cli(*args(trained_adapter), *extra)
-        refused(code, output, "is the input")
+        one_error(code, output, "is the input")
         assert digest(trained_adapter) == before
 
 
@@ -55,9 +49,9 @@ def test_out_inside_or_around_an_input(run_cli, tiny_model, qa_data, trained_ada
     before = digest(base)
     args = writing_commands(base, trained_adapter, qa_data)[command]
     code, output = run_cli(*args(base / "sub"))
-    refused(code, output, "lies inside the input")
+    one_error(code, output, "lies inside the input")
     code, output = run_cli(*args(base.parent), "--overwrite")
-    refused(code, output, "contains the input")
+    one_error(code, output, "contains the input")
     assert digest(base) == before
 
 
@@ -68,9 +62,9 @@ def test_directory_of_other_files(run_cli, tiny_model, qa_data, trained_adapter,
     (out / "notes.txt").write_text("my notes")
     args = writing_commands(tiny_model("llama"), trained_adapter, qa_data)[command]
     code, output = run_cli(*args(out))
-    refused(code, output, "not empty", "--overwrite")
+    one_error(code, output, "not empty", "--overwrite")
     code, output = run_cli(*args(out), "--overwrite")
-    refused(code, output, "did not write")
+    one_error(code, output, "did not write")
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
 
 
@@ -82,7 +76,7 @@ def test_earlier_output_needs_overwrite(run_cli, tiny_model, qa_data, trained_ad
     assert code == 0, output
     first = digest(out)
     code, output = run_cli(*args(out))
-    refused(code, output, "not empty", "--overwrite")
+    one_error(code, output, "not empty", "--overwrite")
     assert digest(out) == first
     code, output = run_cli(*args(out), "--overwrite")
     assert code == 0, output
@@ -96,7 +90,7 @@ def test_train_onto_an_adapter_of_another_method(run_cli, tiny_model, qa_data, t
     shutil.copytree(trained_adapter, copy)
     before = digest(copy)
     code, output = run_cli(*writing_commands(tiny_model("llama"), copy, qa_data)["train"](copy))
-    refused(code, output, "not empty")
+    one_error(code, output, "not empty")
     assert digest(copy) == before
     code, output = run_cli(*writing_commands(tiny_model("llama"), copy, qa_data)["train"](copy), "--overwrite")
     assert code == 0, output

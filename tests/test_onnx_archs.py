@@ -77,7 +77,7 @@ def test_logits_match_folded_hf(exported):
 
 
 def test_genai_greedy_matches_hf(exported):
-    from svd_serve.generate import OnnxLM
+    from svd_serve.converters.onnx import OnnxLM
 
     lm = OnnxLM.open(exported["out"])
     ids = [int(t) for t in lm.tokenizer.encode("The quick brown fox")]

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import adapter_tensors
+from helpers import adapter_tensors, one_error
 
 from svd_serve.adapter import AdapterConfig, AdapterSet, make_options, parse_option_values
 from svd_serve.errors import SvdServeError
@@ -99,8 +99,7 @@ def test_train_refuses_bad_options_before_any_work(args, message, run_cli, tiny_
     out = tmp_path / "out"
     code, output = run_cli("train", "--base", tiny_model("llama"), "--data", qa_data, "--out", out, "--steps", 1,
                            "--no-progress", *args)
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and message in errors[0], output
+    one_error(code, output, message)
     assert not out.exists()
 
 
