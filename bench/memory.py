@@ -54,7 +54,7 @@ def build_checkpoint(out: Path, layers: int, shard_bytes: int, seed: int = 0) ->
     """A random bfloat16 Llama written one tensor at a time (never the whole model in memory)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from svd_serve.checkpoint import ShardWriter, shard_by_size
+    from svd_serve.weights import ShardWriter, shard_by_size
 
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers,
                          num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
@@ -78,10 +78,10 @@ def build_checkpoint(out: Path, layers: int, shard_bytes: int, seed: int = 0) ->
 def make_adapter(base: Path, out: Path, rank: int, seed: int) -> Path:
     """A LoRA adapter on every Linear with random A and B, made against the checkpoint's fingerprint."""
     from svd_serve.adapter import AdapterConfig, AdapterSet, make_options
-    from svd_serve.checkpoint import Checkpoint
+    from svd_serve.weights import Weights
     from svd_serve.model import resolve_targets
 
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     targets = resolve_targets(ckpt.skeleton, "all-linear")
     config = AdapterConfig(method="lora", options=dataclasses.asdict(make_options("lora", rank=rank)),
                            targets={n: list(ckpt.get_submodule(n).weight.shape) for n in targets},
@@ -154,10 +154,10 @@ def mergekit(method: str, base: Path, tasks: list[Path], out: Path, shard_params
 
 
 def run_size(size_gb: float, args, work: Path, src: Path | None, log: Path) -> list[dict]:
-    from svd_serve.checkpoint import Checkpoint
+    from svd_serve.weights import Weights
 
     base = build_checkpoint(work / "base", layers_for(size_gb), args.shard_bytes)
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     shard = max(f.stat().st_size for f in base.glob("*.safetensors"))
     info = {"size_gb": ckpt.nbytes / GB, "layers": layers_for(size_gb),
             "shards": len(list(base.glob("*.safetensors"))), "largest_shard_gb": shard / GB}
@@ -223,7 +223,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="0.45,1.5,4", help="Checkpoint sizes in GB, comma list.")
+    ap.add_argument("--sizes", default="0.45,1.5,4", help="Weights sizes in GB, comma list.")
     ap.add_argument("--shard-size", default="400MB", help="Shard size of the checkpoints.")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--methods", default="ties,task_arithmetic", help="Merge methods, comma list.")
@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--workdir", help="Where the checkpoints go (default: the system's temporary directory).")
     ap.add_argument("--json", help="Also write the rows here.")
     args = ap.parse_args()
-    from svd_serve.checkpoint import parse_size
+    from svd_serve.weights import parse_size
 
     args.shard_bytes = parse_size(args.shard_size)
     args.methods = args.methods.split(",")

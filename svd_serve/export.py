@@ -3,7 +3,7 @@ with numerical checks of what is written.
 
 The base is never loaded for the export itself: an adapter's ΔW needs only the adapter file, and
 the base is read only for the fingerprint check (a sample of each target weight,
-:meth:`svd_serve.checkpoint.Checkpoint.fingerprint`). Every export is checked per module, in factor
+:meth:`svd_serve.weights.Weights.fingerprint`). Every export is checked per module, in factor
 space, before anything is written: the exported factors ``B' A'`` against the adapter's exact
 ``ΔW = B A`` (relative Frobenius error through a QR of the stacked factors, no ``m x n`` matrix),
 and the relative output error ``‖(ΔW − B' A') X‖ / ‖ΔW X‖`` on random inputs. The end-to-end check
@@ -20,24 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import AdapterSet
-from .checkpoint import Checkpoint, return_freed_memory
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
 from .io import check_out
 from .linalg import LowRank, factored_svd
 from .model import LowRankDelta, linear_names, load_base
+from .weights import Weights, return_freed_memory
 
 CHECK_LOGITS_MAX_BYTES = 256 << 20  # the logits check's default: on up to this checkpoint size
 CHECK_INPUTS = 16  # random input vectors of the per-module output check
 CHECK_RTOL = 1e-5  # accepted excess of the factor error over the reported truncation error (float32 factors)
-
-
-def to_exported(name: str, path: Path, adapters: AdapterSet, max_rank: int | None) -> ExportedAdapter:
-    deltas = adapters.deltas(max_rank)
-    return ExportedAdapter(
-        name=name, path=Path(path), config=adapters.config.__dict__.copy(),
-        A={n: d.A for n, d in deltas.items()}, B={n: d.B for n, d in deltas.items()},
-        rel_error={n: d.rel_error for n, d in deltas.items()})
 
 
 @torch.no_grad()
@@ -92,7 +84,7 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
 
     ``verify=False`` skips every check; ``check_logits`` None runs the end-to-end logits check when
     the base's weights take at most :data:`CHECK_LOGITS_MAX_BYTES`."""
-    convert = get_target(target)
+    convert = get_target(target).export
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
     if max_rank is not None and max_rank < 1:
@@ -102,16 +94,16 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
     check_out(out, [base, *adapter_dirs], overwrite)
     return_freed_memory()
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     sets = [AdapterSet.load(p, ckpt) for p in adapter_dirs]
-    exported = [to_exported(n, Path(p), s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
+    exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
     checks = {e.name: check_factors(e, s) for e, s in zip(exported, sets)} if verify else {}
     if check_logits is None:
         check_logits = verify and ckpt.nbytes <= CHECK_LOGITS_MAX_BYTES
     model = load_base(base) if check_logits else None
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(ckpt.skeleton),
                     architecture=ckpt.architecture, model_type=ckpt.config.model_type,
-                    options=options, model=model, overwrite=overwrite)
+                    options=options, overwrite=overwrite)
     written = dict(convert(job, Path(out)))
     messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
     report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapter import delta_adapter
-from .checkpoint import Checkpoint, return_freed_memory
+from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .io import check_out
 from .linalg import LowRank
@@ -29,7 +29,7 @@ def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return next((i + 1 for i, c in enumerate(cum) if c >= energy * (1 - 1e-12)), s.numel())
 
 
-def same_tensor(base: Checkpoint, tuned: Checkpoint, name: str, block: int = 1 << 24) -> bool:
+def same_tensor(base: Weights, tuned: Weights, name: str, block: int = 1 << 24) -> bool:
     """Whether tensor ``name`` has the same values in both (in float32, as loaded models would
     compare, ``block`` values at a time when the dtypes differ)."""
     a, b = base.read(name), tuned.read(name)
@@ -53,7 +53,7 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
     inputs = [base, finetuned]
     check_out(out, inputs, overwrite)
     return_freed_memory()
-    ckpt, tuned = Checkpoint(base), Checkpoint(finetuned)
+    ckpt, tuned = Weights(base), Weights(finetuned)
     if ckpt.architecture != tuned.architecture:
         raise SvdServeError(f"the fine-tune is a {tuned.architecture}, the base a {ckpt.architecture}")
     names = resolve_targets(ckpt.skeleton, targets)

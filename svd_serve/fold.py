@@ -1,7 +1,7 @@
 """``svd-serve fold``: a standalone HF checkpoint equal to base + adapter, in the base's dtype.
 
 The base is never loaded: each target weight is read, ``W + B A`` computed in float32 and rounded once,
-and written; every other tensor is copied as it is (:func:`svd_serve.checkpoint.write_folded`).
+and written; every other tensor is copied as it is (:func:`svd_serve.weights.write_folded`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .adapter import AdapterSet
-from .checkpoint import Checkpoint, parse_size, return_freed_memory, write_folded
+from .weights import Weights, parse_size, return_freed_memory, write_folded
 from .io import atomic_dir, check_out
 
 
@@ -18,7 +18,7 @@ def fold(base: str | Path, adapter: str | Path, out: str | Path, max_shard_size:
     max_shard_size = parse_size(max_shard_size)
     check_out(out, [base, adapter], overwrite)
     return_freed_memory()
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     adapters = AdapterSet.load(adapter, ckpt)
     layers = dict(adapters.items())
     with atomic_dir(out, [base, adapter], overwrite) as tmp:

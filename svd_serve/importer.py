@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .adapter import delta_adapter
-from .checkpoint import Checkpoint, return_freed_memory
+from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .io import check_out
 from .linalg import LowRank, minor_svd, top_svd
@@ -141,7 +141,7 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
                                if init == "loftq" else ""))
     init_modules = read_peft(initial)[1] if initial is not None else None
     return_freed_memory()
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     linear = [n for n, m in ckpt.named_modules() if isinstance(m, nn.Linear)]
     factors = {}
     for name, parts in modules.items():

@@ -61,10 +61,10 @@ def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int |
         raise SvdServeError("--max-rank must be at least 1")
     ckpt = None
     if base is not None:
-        from .checkpoint import Checkpoint, return_freed_memory
+        from .weights import Weights, return_freed_memory
 
         return_freed_memory()
-        ckpt = Checkpoint(base)
+        ckpt = Weights(base)
     adapters = AdapterSet.load(adapter, ckpt)
     try:
         pattern = re.compile(modules) if modules else None

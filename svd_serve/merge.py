@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .adapter import AdapterSet, delta_adapter
-from .checkpoint import Checkpoint, parse_size, return_freed_memory, write_folded
+from .weights import Weights, parse_size, return_freed_memory, write_folded
 from .errors import SvdServeError
 from .io import atomic_dir, check_out
 from .linalg import LowRank, compress, exact_rank, factored_svd
@@ -218,7 +218,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     inputs = [base, *adapter_dirs]
     check_out(out, inputs, overwrite)
     return_freed_memory()
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     sets = []
     for path in adapter_dirs:
         try:
@@ -268,7 +268,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     with atomic_dir(out, inputs, overwrite) as tmp:
         (tmp / "base").mkdir()
         write_folded(ckpt, tmp / "base", modules, shared_merge, max_shard_size)
-        new_base = Checkpoint(tmp / "base").fingerprint(modules)
+        new_base = Weights(tmp / "base").fingerprint(modules)
         report["kind"] = "twin"
         report["adapters"] = {}
         for path, res in zip(adapter_dirs, residuals):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOLERANCE
+from helpers import TOLERANCE, logits, make_adapter
 from safetensors.torch import load_file
 
 from svd_serve.adapter import AdapterConfig, AdapterSet, make_options
-from svd_serve.checkpoint import SAFE_INDEX, Checkpoint, ShardWriter, copy_model_files, shard_by_size
+from svd_serve.weights import SAFE_INDEX, Weights, ShardWriter, copy_model_files, shard_by_size
 from svd_serve.merge import MERGES, MergeParams
 from svd_serve.model import add_low_rank_, fingerprint, load_base, resolve_targets
 
@@ -45,31 +45,15 @@ def resave(src: Path, out: Path, dtype: torch.dtype | str = "auto", max_shard_si
     return out
 
 
-def perturbed(model, method: str, targets: str, out: Path, seed: int = 0, rank: int = 4) -> Path:
-    """An adapter as if trained: every trainable tensor moved off its init."""
-    torch.manual_seed(seed)
-    s = AdapterSet.create(model, method, make_options(method, rank=rank), resolve_targets(model, targets),
-                          progress=False)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return s.save(out)
-
-
 def state(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = Checkpoint(path)
+    ckpt = Weights(path)
     return {n: ckpt.read(n) for n in ckpt.tensors}
-
-
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(input_ids=IDS).logits.float()
 
 
 def check_index(path: Path) -> None:
     """The index lists every tensor of every shard once, each shard exists, total_size adds up."""
     index = json.loads((path / SAFE_INDEX).read_text())
-    ckpt = Checkpoint(path)
+    ckpt = Weights(path)
     assert set(index["weight_map"]) == set(ckpt.tensors)
     assert {i.file.name for i in ckpt.tensors.values()} == set(index["weight_map"].values())
     assert index["metadata"]["total_size"] == ckpt.nbytes
@@ -91,15 +75,15 @@ def test_fingerprint_from_files(llama, tmp_path, dtype):
     names = resolve_targets(model, "all-linear")
     want = fingerprint(model, names)
     assert want == fingerprint(load_base(single, "auto"), names)
-    assert Checkpoint(single).fingerprint(names) == want
-    assert Checkpoint(sharded).fingerprint(names) == want
-    assert Checkpoint(sharded).fingerprint(names[:3]) != want
+    assert Weights(single).fingerprint(names) == want
+    assert Weights(sharded).fingerprint(names) == want
+    assert Weights(sharded).fingerprint(names[:3]) != want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fold_equals_in_memory_fold(llama, tmp_path, run_cli, dtype):
     base = resave(llama, tmp_path / "base", dtype, max_shard_size="150KB")
-    adapter = perturbed(load_base(base), "kasa", "all-linear", tmp_path / "kasa")
+    adapter = make_adapter(base, tmp_path / "kasa", "kasa", targets="all-linear")
     reference = load_base(base, "auto")
     AdapterSet.load(adapter, reference).fold_into(reference)  # the in-memory fold
     reference_state = reference.state_dict()
@@ -125,15 +109,15 @@ def test_fold_equals_in_memory_fold(llama, tmp_path, run_cli, dtype):
     folded = load_base(tmp_path / "resharded")
     adapted = load_base(base)
     AdapterSet.load(adapter, adapted).attach(adapted)
-    assert (logits(folded) - logits(adapted)).abs().max() <= TOLERANCE[dtype]
-    assert torch.equal(logits(folded), logits(load_base(tmp_path / "same")))
+    assert (logits(folded, IDS) - logits(adapted, IDS)).abs().max() <= TOLERANCE[dtype]
+    assert torch.equal(logits(folded, IDS), logits(load_base(tmp_path / "same"), IDS))
 
 
 def test_fold_of_a_bin_checkpoint(llama, tmp_path, run_cli):
     """A ``pytorch_model.bin`` base folds into safetensors with the same values."""
     base = resave(llama, tmp_path / "bin", safe=False)
     assert (base / "pytorch_model.bin").is_file() and not list(base.glob("*.safetensors"))
-    adapter = perturbed(load_base(base), "pissa", "q_proj,down_proj", tmp_path / "pissa")
+    adapter = make_adapter(base, tmp_path / "pissa", "pissa", targets="q_proj,down_proj")
     code, output = run_cli("fold", "--base", base, "--adapter", adapter, "--out", tmp_path / "folded")
     assert code == 0, output
     reference = load_base(base)
@@ -149,19 +133,19 @@ def test_fold_smollm2_tied_embeddings(tmp_path, run_cli):
 
     base = smollm2()
     model = load_base(base)
-    adapter = perturbed(model, "lora", "q_proj,v_proj", tmp_path / "lora", rank=4)
+    adapter = make_adapter(base, tmp_path / "lora")
     AdapterSet.load(adapter, model).fold_into(model)
     code, output = run_cli("fold", "--base", base, "--adapter", adapter, "--out", tmp_path / "folded",
                            "--max-shard-size", "200MB")
     assert code == 0, output
     check_index(tmp_path / "folded")
-    ckpt = Checkpoint(tmp_path / "folded")
+    ckpt = Weights(tmp_path / "folded")
     assert "lm_head.weight" not in ckpt and "model.embed_tokens.weight" in ckpt
     folded = load_base(tmp_path / "folded")
     assert folded.lm_head.weight is folded.model.embed_tokens.weight
     for key, tensor in model.state_dict().items():
         assert torch.equal(folded.state_dict()[key], tensor), key
-    assert torch.equal(logits(folded), logits(model))
+    assert torch.equal(logits(folded, IDS), logits(model, IDS))
 
 
 def test_merge_export_extract_import_inspect_on_a_sharded_base(llama, tmp_path, run_cli):
@@ -171,9 +155,8 @@ def test_merge_export_extract_import_inspect_on_a_sharded_base(llama, tmp_path, 
 
     single = resave(llama, tmp_path / "single", torch.bfloat16)
     sharded = resave(llama, tmp_path / "sharded", torch.bfloat16, max_shard_size="100KB")
-    model = load_base(single)
-    adapters = [perturbed(model, "kasa", "q_proj,v_proj", tmp_path / "a0", seed=1),
-                perturbed(model, "lora", "v_proj,down_proj", tmp_path / "a1", seed=2)]
+    adapters = [make_adapter(single, tmp_path / "a0", "kasa", seed=1),
+                make_adapter(single, tmp_path / "a1", targets="v_proj,down_proj", seed=2)]
     finetune = tmp_path / "ft"
     code, output = run_cli("fold", "--base", sharded, "--adapter", adapters[1], "--out", finetune)
     assert code == 0, output
@@ -209,7 +192,7 @@ def test_merge_export_extract_import_inspect_on_a_sharded_base(llama, tmp_path, 
     served = peft.PeftModel.from_pretrained(load_base(sharded), tmp_path / "export-sharded").eval()
     adapted = load_base(sharded)
     AdapterSet.load(adapters[0], adapted).attach(adapted)
-    assert (logits(served) - logits(adapted)).abs().max() <= TOLERANCE[torch.float32]
+    assert (logits(served, IDS) - logits(adapted, IDS)).abs().max() <= TOLERANCE[torch.float32]
 
     from svd_serve.inspect import inspect
 
@@ -231,7 +214,7 @@ def test_load_base_converts_tensor_by_tensor(tiny_model, tmp_path):
         want = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         assert got.dtype == dtype and got.state_dict().keys() == want.state_dict().keys()
         assert all(torch.equal(t, want.state_dict()[k]) for k, t in got.state_dict().items())
-        assert torch.equal(logits(got), logits(want.eval()))
+        assert torch.equal(logits(got, IDS), logits(want.eval(), IDS))
         assert got.generation_config.to_dict() == want.generation_config.to_dict()
         tied_weights = got.lm_head.weight is got.model.embed_tokens.weight
         assert tied_weights == (base == tied)
@@ -281,7 +264,7 @@ def wide(tmp_path_factory) -> dict:
         writer.write(name, (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02)
                      .to(torch.bfloat16))
     writer.close()
-    ckpt = Checkpoint(base)
+    ckpt = Weights(base)
     targets = resolve_targets(ckpt.skeleton, "q_proj,v_proj,down_proj")
     adapters = []
     for i in range(2):
@@ -318,7 +301,7 @@ def test_commands_peak_below_the_checkpoint_size(wide):
         assert peak < size, f"{command}: peak RSS {peak / 1e6:.0f} MB, checkpoint {size / 1e6:.0f} MB"
 
     # outputs: exact, read back one tensor at a time
-    ckpt, folded, merged = Checkpoint(base), Checkpoint(tmp / "folded"), Checkpoint(tmp / "merged")
+    ckpt, folded, merged = Weights(base), Weights(tmp / "folded"), Weights(tmp / "merged")
     check_index(tmp / "folded")
     sets = [AdapterSet.load(a, ckpt) for a in adapters]
     layers = dict(sets[0].items())
@@ -343,7 +326,7 @@ def test_load_base_holds_one_copy(wide):
     little else: measured 2.3x over the imports; transformers' own path also keeps the bfloat16
     file mapped, 3.1x."""
     tmp, size = wide["tmp"], wide["bytes"]
-    imports = peak_rss(tmp, "-c", "import svd_serve.checkpoint, svd_serve.model; "
+    imports = peak_rss(tmp, "-c", "import svd_serve.weights, svd_serve.model; "
                                   "from transformers import AutoModelForCausalLM")
     loaded = peak_rss(tmp, "-c", f"import torch; from svd_serve.model import load_base; "
                                  f"load_base({str(wide['base'])!r}, torch.float32)")
@@ -357,12 +340,12 @@ def test_vllm_serves_a_sharded_folded_checkpoint(tmp_path, run_cli):
     from svd_serve.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", "llama", head_dim=32)
-    adapter = perturbed(load_base(base), "kasa", "all-linear", tmp_path / "kasa")
+    adapter = make_adapter(base, tmp_path / "kasa", "kasa", targets="all-linear")
     code, output = run_cli("fold", "--base", base, "--adapter", adapter, "--out", tmp_path / "folded",
                            "--max-shard-size", "100KB")
     assert code == 0, output
     check_index(tmp_path / "folded")
-    second = perturbed(load_base(tmp_path / "folded"), "pissa", "q_proj,v_proj", tmp_path / "pissa", seed=3)
+    second = make_adapter(tmp_path / "folded", tmp_path / "pissa", "pissa", seed=3)
     code, output = run_cli("export", "--target", "vllm", "--base", tmp_path / "folded", "--adapter", second,
                            "--out", tmp_path / "exp")
     assert code == 0, output
@@ -372,9 +355,10 @@ def test_vllm_serves_a_sharded_folded_checkpoint(tmp_path, run_cli):
            "HF_HOME": str(tmp_path / "hf"), "TMPDIR": str(scratch), "VLLM_RPC_BASE_PATH": str(scratch),
            "TORCH_COMPILE_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run([sys.executable, "-m", "svd_serve", "verify", "--target", "vllm", "--base",
-                          str(tmp_path / "folded"), "--export", str(tmp_path / "exp"), "--max-tokens", "8",
+                          str(tmp_path / "folded"), "--export", str(tmp_path / "exp"), "--max-new-tokens", "8",
                           "--kv-cache-mib", "64", "--json", str(tmp_path / "verify.json")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     report = json.loads((tmp_path / "verify.json").read_text())
-    assert set(report) == {"(base)", "pissa"} and all(r["ok"] and r["tokens_match"] for r in report.values())
+    assert report["ok"] and set(report["checks"]) == {"(base)", "pissa"}
+    assert all(c["ok"] and c["tokens_match"] for c in report["checks"].values())
