@@ -112,6 +112,7 @@ class Weights:
         self.metadata: dict = {}
         self.is_safetensors = True
         self._weight_map: dict[str, str] = {}
+        self._fingerprints: dict[tuple[str, ...], str] = {}
         if (self.path / SAFE_INDEX).is_file() or (self.path / SAFE_NAME).is_file():
             files = self._index_files(SAFE_INDEX, SAFE_NAME)
             for file in files:
@@ -250,13 +251,17 @@ class Weights:
         return self.read(f"{module}.weight")
 
     def fingerprint(self, names: Iterable[str]) -> str:
-        """:func:`svd_serve.model.fingerprint` of these modules, reading only its samples."""
-        def samples():
-            for name in sorted(names):
-                info = self.weight_info(name)
-                yield name, info.shape, self.sample(f"{name}.weight", fingerprint_stride(info.numel))
+        """:func:`svd_serve.model.fingerprint` of these modules, reading only its samples (once per
+        set of names: several adapters on the same modules read them once)."""
+        key = tuple(sorted(names))
+        if key not in self._fingerprints:
+            def samples():
+                for name in key:
+                    info = self.weight_info(name)
+                    yield name, info.shape, self.sample(f"{name}.weight", fingerprint_stride(info.numel))
 
-        return fingerprint_digest(samples())
+            self._fingerprints[key] = fingerprint_digest(samples())
+        return self._fingerprints[key]
 
 
 def return_freed_memory() -> None:
