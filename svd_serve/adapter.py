@@ -78,6 +78,8 @@ def parse_option_values(method: str, pairs: list[str]) -> dict:
         try:
             if isinstance(default, bool):
                 value = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, str):
+                value = raw.strip()
             elif raw.strip().lower() == "none":
                 value = None
             elif isinstance(default, int) or key in ("rank", "niter"):
@@ -112,7 +114,7 @@ class AdapterSet(nn.Module):
                covariances: dict[str, Tensor] | None = None, base_model: str = "",
                progress: bool = True) -> "AdapterSet":
         method_cls = get_method(method)
-        if method_cls.needs_calibration and not covariances:
+        if method_cls.needs_calibration_for(opts) and not covariances:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
         shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(

@@ -60,6 +60,9 @@ def methods_cmd():
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--absorb-frozen/--no-absorb-frozen", default=True,
               help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
+@click.option("--max-init-loss-increase", default="0.05", metavar="NATS",
+              help="Refuse to train when the adapter at init raises the loss (on a few eval or training rows) "
+                   "by more than this; 0, inf or off: never refuse (the check is still shown and recorded).")
 @click.option("--seed", default=0, type=int)
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
 @click.option("--keep-checkpoints", default=3, type=int, help="Keep the last N checkpoints (and the best).")

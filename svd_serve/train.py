@@ -36,6 +36,7 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet, make_options, parse_
 from .calib import input_covariances
 from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
 from .errors import SvdServeError
+from .health import DEFAULT_LIMIT, check_init, parse_limit
 from .io import MARKER, atomic_dir, atomic_write_text, check_out
 from .methods import get_method
 from .model import check_base_dir, load_base, resolve_targets
@@ -76,6 +77,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast; adapter parameters stay float32)
     gradient_checkpointing: bool = False
     absorb_frozen: bool = True  # fold frozen low-rank terms into this run's private base copy (faster)
+    max_init_loss_increase: float | str | None = DEFAULT_LIMIT  # nats; 0, inf, "off", None: never refuse
     seed: int = 0
     # records and checkpoints
     eval_every: int | None = None  # default: at every checkpoint and at the end
@@ -110,6 +112,8 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     values.update(overrides)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None  # 0 turns clipping off
+    if "max_init_loss_increase" in values:  # (checked here, before any work)
+        values["max_init_loss_increase"] = parse_limit(values["max_init_loss_increase"])
     missing = [k for k in ("base", "data", "out") if not values.get(k)]
     if missing:
         raise SvdServeError(f"missing {', '.join('--' + k for k in missing)} (as flags or in --config)")
@@ -257,11 +261,18 @@ def train(cfg: TrainConfig) -> Path:
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         say(f"resumed from {resume_dir} at step {start}")
+    # a fresh adapter must not break the base (svd_serve.health); checked before anything is written
+    health = None if resume_dir is not None else check_init(
+        model, adapters, evals or examples, pad_id, lambda batch: _loss_sum(model, batch, device, autocast),
+        cfg.batch_size, cfg.max_init_loss_increase, say)
     metrics = out / "metrics.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).touch()
         _truncate_metrics(metrics, start)
+        if health is not None:
+            with metrics.open("a") as f:
+                f.write(json.dumps(health.record()) + "\n")
 
     def evaluate() -> float:
         model.eval()
@@ -445,8 +456,10 @@ def _check_config(cfg: TrainConfig, method_cls) -> None:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
         raise SvdServeError("give --eval-data or --eval-split, not both")
-    if method_cls.needs_calibration and not cfg.calib_data and not cfg.resume:
-        raise SvdServeError(f"method {cfg.method} needs --calib-data")
+    if not cfg.calib_data and not cfg.resume and method_cls.needs_calibration_for(
+            make_options(cfg.method, cfg.rank, cfg.alpha, **{**cfg.options, **cfg.reg})):
+        raise SvdServeError(f"method {cfg.method} needs --calib-data" + (
+            " with select=activation" if cfg.options.get("select") == "activation" else ""))
     if cfg.dtype not in ("float32", "bfloat16"):
         raise SvdServeError(f"--dtype must be float32 or bfloat16, not {cfg.dtype}")
     if cfg.schedule not in ("cosine", "linear", "constant"):
@@ -553,7 +566,7 @@ def _plot(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for line in metrics.read_text().splitlines() if line.strip() and "loss" in (r := json.loads(line))]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     evals = [r for r in records if "eval_loss" in r]

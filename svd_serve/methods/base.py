@@ -76,6 +76,11 @@ class Adapter(nn.Module):
         """Largest possible rank of ΔW."""
         return 2 * self.opts.rank
 
+    @classmethod
+    def needs_calibration_for(cls, opts) -> bool:
+        """Whether :meth:`init` needs the calibration covariance with these options."""
+        return cls.needs_calibration
+
     # --- shared ----------------------------------------------------------------------------------
     @property
     def scale(self) -> float:

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Options
-from .milora import MiLoRA
+from .milora import MiLoRA, MiLoRAOptions
 
 
 @dataclass
-class SoMAOptions(Options):
+class SoMAOptions(MiLoRAOptions):
     rank: int = 16
     alpha: float | None = 16.0
 
