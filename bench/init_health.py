@@ -80,7 +80,7 @@ def main() -> None:
             lines: list[str] = []
             health = check_init(adapted, adapters, examples, tok.pad_token_id,
                                 lambda b, m=adapted: _loss_sum(m, b, torch.device("cpu"), nullcontext),
-                                batch_size=8, limit=None, say=lines.append)
+                                batch_size=8, limit=None, say=lines.append, rows=len(examples))
             v = [c for n, c in health.modules.items() if n.endswith("v_proj")]
             kind, _, _, worst, _ = health.by_type()[0]
             print(f"{spec:14s} {method:8s} {options.get('select', '-'):10s} {health.base_loss:9.4f} "

@@ -119,17 +119,16 @@ def _fmt(x: float) -> str:
 
 def check_init(model: nn.Module, adapters, examples: list[Example], pad_id: int,
                loss_sum: Callable[[dict], tuple[Tensor, Tensor]], batch_size: int, limit: float | None,
-               say: Callable[[str], None] = print) -> Health:
+               say: Callable[[str], None] = print, rows: int = ROWS) -> Health:
     """Measure the init (see the module docstring), print the table with ``say``, and raise
     :class:`SvdServeError` when the loss increase exceeds ``limit`` (None: never).
 
     ``model`` is the model as trained, with ``adapters`` attached (its target modules wrapped, any way
     whose output is ``(W + ΔW) x + b``); ``loss_sum(batch)`` is the loop's ``(Σ cross-entropy, target
     tokens)`` of a :func:`~svd_serve.data.collate` batch. Every rank of a multi-process run computes the
-    same result, so all of them refuse together."""
+    same result, so all of them refuse together. ``rows``: how many examples, spread over the list."""
     limit = parse_limit(limit)
-    step = max(1, len(examples) // ROWS)
-    rows = examples[::step][:ROWS]  # spread over the file
+    rows = examples[::max(1, len(examples) // rows)][:rows]
     batches = [collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
     was_training = model.training
     model.eval()

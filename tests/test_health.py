@@ -111,7 +111,7 @@ def smol():
     tok = AutoTokenizer.from_pretrained(path)
     targets = resolve_targets(model, "q_proj,v_proj")
     covs = input_covariances(model, targets, read_jsonl(DATA / "chat-calib.jsonl")[:8], tok)
-    examples = [encode(r, tok, 128) for r in read_jsonl(DATA / "chat-eval.jsonl")[:6]]
+    examples = [encode(r, tok, 128) for r in read_jsonl(DATA / "chat-eval.jsonl")[:4]]
     return path, model, tok, targets, covs, examples
 
 
@@ -128,15 +128,12 @@ def smol_check(smol, method: str, **options):
     _absorb_frozen(model, adapters)  # as the training loop runs it
     health = check_init(model, adapters, examples, tok.pad_token_id,
                         lambda b: _loss_sum(model, b, torch.device("cpu"), contextlib.nullcontext),
-                        batch_size=6, limit=None, say=lambda s: None)
+                        batch_size=4, limit=None, say=lambda s: None)
     return health, adapters
 
 
-def test_smollm2_plain_kasa_is_refused_and_activation_aware_kasa_trains(smol, tmp_path, run_cli):
-    def rows(name, n):
-        return [json.loads(line) for line in (DATA / name).open()][:n]
-
-    data = write_jsonl(tmp_path / "chat.jsonl", rows("chat-eval.jsonl", 4))
+def test_smollm2_plain_kasa_is_refused(smol, tmp_path, run_cli):
+    data = write_jsonl(tmp_path / "chat.jsonl", [json.loads(line) for line in (DATA / "chat-eval.jsonl").open()][:4])
     args = ["train", "--base", smol[0], "--data", data, "--method", "kasa", "--rank", 8, "--steps", 1, "--batch-size", 4,
             "--out", tmp_path / "o", "--no-progress"]
     code, output = run_cli(*args)
@@ -145,12 +142,6 @@ def test_smollm2_plain_kasa_is_refused_and_activation_aware_kasa_trains(smol, tm
     assert len(error) == 1 and "the kasa init raises the loss on 4 rows" in error[0]
     assert "it changes the output of v_proj" in error[0]  # the worst module type first
     assert not (tmp_path / "o").exists()
-
-    calib = write_jsonl(tmp_path / "calib.jsonl", rows("chat-calib.jsonl", 8))
-    code, output = run_cli(*args, "-o", "select=activation", "--calib-data", calib)
-    assert code == 0, output
-    check = init_record(tmp_path / "o")
-    assert abs(check["increase"]) < 0.05 and check["rows"] == 4
 
 
 def test_smollm2_activation_aware_kasa_keeps_the_base(smol):
@@ -175,7 +166,7 @@ def test_smollm2_activation_aware_kasa_keeps_the_base(smol):
         assert energy["aware"] < energy["plain"], name
 
 
-def test_smollm2_residual_inits_are_exact(smol):
-    for method, options in (("pissa", {}), ("milora", {}), ("milora", {"select": "activation"})):
-        health, _ = smol_check(smol, method, **options)
-        assert abs(health.increase) <= 1e-4 and max(health.modules.values()) <= 1e-6, (method, options)
+def test_smollm2_activation_aware_milora_is_exact(smol):
+    """MiLoRA trains the components it takes out of the base, so its init is exact either way."""
+    health, _ = smol_check(smol, "milora", select="activation")
+    assert abs(health.increase) <= 1e-4 and max(health.modules.values()) <= 1e-6
