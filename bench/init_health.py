@@ -16,7 +16,6 @@ import argparse
 import copy
 import os
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,9 +27,9 @@ from svd_serve.adapter import AdapterSet, make_options  # noqa: E402
 from svd_serve.calib import input_covariances  # noqa: E402
 from svd_serve.data import encode, read_jsonl  # noqa: E402
 from svd_serve.health import check_init  # noqa: E402
-from svd_serve.model import load_base, resolve_targets  # noqa: E402
+from svd_serve.model import absorb_frozen, load_base, resolve_targets  # noqa: E402
 from svd_serve.realmodel import smollm2  # noqa: E402
-from svd_serve.train import _absorb_frozen, _loss_sum  # noqa: E402
+from svd_serve.train import loss_sum  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 CONFIGS = [("lora", {}), ("pissa", {}), ("corda-kpa", {}), ("milora", {}), ("milora", {"select": "activation"}),
@@ -76,10 +75,10 @@ def main() -> None:
             adapters = AdapterSet.create(adapted, method, make_options(method, rank, **options), targets,
                                          covariances=covs, progress=False)
             adapters.attach(adapted)
-            _absorb_frozen(adapted, adapters)
+            absorb_frozen(adapted)
             lines: list[str] = []
             health = check_init(adapted, adapters, examples, tok.pad_token_id,
-                                lambda b, m=adapted: _loss_sum(m, b, torch.device("cpu"), nullcontext),
+                                lambda b, m=adapted: loss_sum(m, b),
                                 batch_size=8, limit=None, say=lines.append, rows=len(examples))
             v = [c for n, c in health.modules.items() if n.endswith("v_proj")]
             kind, _, _, worst, _ = health.by_type()[0]

@@ -4,20 +4,18 @@ targets breaks the model before the first step, and the check refuses it."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_error, write_jsonl
 
 from svd_serve.errors import SvdServeError
 from svd_serve.health import parse_limit
 from svd_serve.methods import METHODS
 from svd_serve.train import TrainConfig, load_config, train
-
-from conftest import write_jsonl
 
 DATA = Path(__file__).parent / "data"
 EXACT_ZERO = {"lora", "delta", "svf", "svfit", "salt"}  # ΔW_init = 0 exactly
@@ -53,7 +51,8 @@ def test_exact_inits_show_no_change(method, tiny_model, qa_data, tmp_path):
     and no loss change, measured on the run's own model (absorbed frozen terms included)."""
     model = tiny_model("llama")
     calib = str(qa_data) if METHODS[method].needs_calibration else None
-    out = train(TrainConfig(base=str(model), data=str(qa_data), out=str(tmp_path / "o"), method=method, rank=4,
+    rank = 4 if "rank" in METHODS[method].Options.fields() else None
+    out = train(TrainConfig(base=str(model), data=str(qa_data), out=str(tmp_path / "o"), method=method, rank=rank,
                             targets="all-linear", steps=1, calib_data=calib, progress=False))
     check = init_record(out)
     assert len(check["modules"]) == 14 and check["rows"] == 16 and check["tokens"] > 0  # 2 layers × 7 Linears
@@ -81,10 +80,8 @@ def test_limit_option_refuses_and_allows(tiny_model, qa_data, tmp_path, run_cli)
     assert max(check["modules"].values()) > 0.1
 
     code, output = run_cli(*args, "--out", tmp_path / "low", "--max-init-loss-increase", increase / 2)
-    assert code == 2
-    error = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "the kasa init raises the loss on 16 rows" in error[0]
-    assert "-o select=activation --calib-data" in error[0] and "--max-init-loss-increase off" in error[0]
+    one_error(code, output, "the kasa init raises the loss on 16 rows", "-o select=activation --calib-data",
+              "--max-init-loss-increase off")
     assert not (tmp_path / "low").exists()  # refused before anything is written
 
     code, output = run_cli(*args, "--out", tmp_path / "high", "--max-init-loss-increase", increase * 2)
@@ -92,6 +89,12 @@ def test_limit_option_refuses_and_allows(tiny_model, qa_data, tmp_path, run_cli)
     assert init_record(tmp_path / "high")["increase"] == pytest.approx(increase, abs=1e-6)
     code, output = run_cli(*args, "--out", tmp_path / "zero", "--max-init-loss-increase", 0)
     assert code == 0, output
+
+
+def test_activation_select_needs_calibration_data(tiny_model, qa_data, tmp_path, run_cli):
+    code, output = run_cli("train", "--base", tiny_model("llama"), "--data", qa_data, "--out", tmp_path / "o",
+                           "--method", "milora", "-o", "select=activation")
+    one_error(code, output, "method milora needs --calib-data with select=activation")
 
 
 # --- SmolLM2-135M-Instruct ---------------------------------------------------------------------------
@@ -118,16 +121,17 @@ def smol():
 def smol_check(smol, method: str, **options):
     from svd_serve.adapter import AdapterSet, make_options
     from svd_serve.health import check_init
-    from svd_serve.train import _absorb_frozen, _loss_sum
+    from svd_serve.model import absorb_frozen
+    from svd_serve.train import loss_sum
 
     _, base, tok, targets, covs, examples = smol
     model = copy.deepcopy(base)
     opts = make_options(method, rank=8, **options)
     adapters = AdapterSet.create(model, method, opts, targets, covariances=covs, progress=False)
     adapters.attach(model)
-    _absorb_frozen(model, adapters)  # as the training loop runs it
+    absorb_frozen(model)  # as the training loop runs it
     health = check_init(model, adapters, examples, tok.pad_token_id,
-                        lambda b: _loss_sum(model, b, torch.device("cpu"), contextlib.nullcontext),
+                        lambda b: loss_sum(model, b),
                         batch_size=4, limit=None, say=lambda s: None)
     return health, adapters
 
@@ -137,10 +141,8 @@ def test_smollm2_plain_kasa_is_refused(smol, tmp_path, run_cli):
     args = ["train", "--base", smol[0], "--data", data, "--method", "kasa", "--rank", 8, "--steps", 1, "--batch-size", 4,
             "--out", tmp_path / "o", "--no-progress"]
     code, output = run_cli(*args)
-    assert code == 2, output
-    error = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "the kasa init raises the loss on 4 rows" in error[0]
-    assert "it changes the output of v_proj" in error[0]  # the worst module type first
+    one_error(code, output, "the kasa init raises the loss on 4 rows",
+              "it changes the output of v_proj")  # the worst module type first
     assert not (tmp_path / "o").exists()
 
 

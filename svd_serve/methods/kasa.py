@@ -6,16 +6,15 @@ import torch
 from torch import nn
 
 from ..linalg import LowRank
-from .base import Adapter, kaiming_, orthogonality
+from .base import Adapter, kaiming_, opt, orthogonality
 from .minor import MinorOptions, MinorSelection
 
 
 @dataclass
 class KaSAOptions(MinorOptions):
-    beta: float = 1e-4
-    """Weight of the singular-value penalty ``Σ d²``."""
-    gamma: float = 1e-3
-    """Weight of the orthogonality penalty ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (r×r Grams, as HF PEFT)."""
+    beta: float = opt(1e-4, "Weight of the singular-value penalty Σ d².", reg=True, ge=0)
+    gamma: float = opt(1e-3, "Weight of the orthogonality penalty ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (r×r Grams, as HF PEFT).",
+                       reg=True, ge=0)
 
 
 class KaSA(MinorSelection, Adapter):

@@ -15,25 +15,19 @@ from torch import Tensor
 
 from ..errors import SvdServeError
 from ..linalg import damped, minor_svd
-from .base import Options
+from .base import LoRAOptions, opt
 
 SELECT = ("weight", "activation")
 
 
 @dataclass
-class MinorOptions(Options):
-    select: str = "weight"
-    """``weight``: the r smallest singular components of W. ``activation``: the r components of least
-    output energy on the calibration inputs (needs --calib-data)."""
-    damp: float = 0.01
-    """With ``select=activation``: the covariance is ``C + δ·mean(diag C)·I``, which prefers the plain
-    minor components among directions the calibration data hardly excites (``linalg.damped``)."""
-
-    def __post_init__(self):
-        if self.select not in SELECT:
-            raise SvdServeError(f"option select must be one of {', '.join(SELECT)}, not {self.select!r}")
-        if not self.damp >= 0:
-            raise SvdServeError(f"option damp must be >= 0, not {self.damp}")
+class MinorOptions(LoRAOptions):
+    select: str = opt("weight", "Which rank-r part of W: weight = its r smallest singular components (the "
+                                "papers); activation = the part of least output energy on the calibration "
+                                "inputs of --calib-data (see linalg.output_minor).", choices=SELECT)
+    damp: float = opt(0.01, "With select=activation: the input covariance is C + damp·mean(diag C)·I, which "
+                            "prefers the plain minor components among directions the calibration data hardly "
+                            "excites (linalg.damped).", ge=0)
 
 
 class MinorSelection:

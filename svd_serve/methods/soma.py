@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .base import alpha_opt, rank_opt
 from .milora import MiLoRA, MiLoRAOptions
 
 
 @dataclass
 class SoMAOptions(MiLoRAOptions):
-    rank: int = 16
-    alpha: float | None = 16.0
+    rank: int = rank_opt(16)
+    alpha: float | None = alpha_opt(16.0)
 
 
 class SoMA(MiLoRA):
