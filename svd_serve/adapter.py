@@ -111,7 +111,7 @@ class AdapterSet(nn.Module):
                covariances: dict[str, Tensor] | None = None, base_model: str = "",
                progress: bool = True) -> "AdapterSet":
         method_cls = get_method(method)
-        if method_cls.needs_calibration and not covariances:
+        if method_cls.needs_calibration_for(opts) and not covariances:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
         shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(

@@ -88,6 +88,10 @@ def methods_cmd(name):
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--absorb-frozen/--no-absorb-frozen", default=TRAIN["absorb_frozen"],
               help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
+@click.option("--max-init-loss-increase", default=str(TRAIN["max_init_loss_increase"]), metavar="NATS",
+              help="Refuse to train when the adapter at init raises the loss (on a few eval or training rows) "
+                   "by more than this many nats; 0, inf or off: never refuse (the check is still shown and "
+                   "recorded).")
 @click.option("--seed", default=TRAIN["seed"], type=int, help="Seed of the adapter init, the data order and --eval-split.")
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
 @click.option("--keep-checkpoints", default=TRAIN["keep_checkpoints"], type=int,
