@@ -11,7 +11,7 @@ from torch import nn
 from .adapter import AdapterSet
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
-from .io import check_out
+from .io import check_finite, check_out
 from .model import LowRankDelta, linear_names, load_base
 
 
@@ -48,6 +48,9 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     model = load_base(base)
     sets = [AdapterSet.load(p, model) for p in adapter_dirs]
     exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
+    for e in exported:
+        check_finite([(f"{n}.{k}", t) for n in e.A for k, t in (("A", e.A[n]), ("B", e.B[n]))],
+                     f"refusing to export {e.name}")
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(model),
                     architecture=type(model).__name__, model_type=model.config.model_type,
                     options=options, overwrite=overwrite)

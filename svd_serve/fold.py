@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from .adapter import AdapterSet
-from .io import atomic_dir, check_out
+from .io import atomic_dir, check_finite, check_out
 from .model import load_base
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -25,6 +25,7 @@ def fold(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool
     model = load_base(base, dtype="auto")
     adapters = AdapterSet.load(adapter, model)
     adapters.fold_into(model)
+    check_finite(model.state_dict().items(), f"refusing to write {out}")  # e.g. a float16 base overflowing
     with atomic_dir(out, [base, adapter], overwrite) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(Path(base), tmp)

@@ -13,6 +13,7 @@ dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS pap
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from .adapter import AdapterConfig, AdapterSet
 from .errors import SvdServeError
 from .fold import copy_tokenizer_files
-from .io import atomic_dir, check_out
+from .io import atomic_dir, check_finite, check_out
 from .linalg import LowRank, compress, exact_rank, factored_svd
 from .methods.delta import Delta
 from .model import add_low_rank_, fingerprint, linear_names, load_base
@@ -203,7 +204,7 @@ def delta_adapter(model: nn.Module, factors: dict[str, Factors], base_model: str
 
 # --- the command -----------------------------------------------------------------------------------
 def check_args(method: str, adapter_dirs: list, weights: list[float] | None, density: float,
-               fold: bool, rank: int | None, shared: str) -> list[float]:
+               fold: bool, rank: int | None, shared: str, lam: float = 1.0, seed: int = 0) -> list[float]:
     if method not in METHODS:
         raise SvdServeError(f"unknown merge method {method!r}; choose one of: {', '.join(METHODS)}")
     if not adapter_dirs:
@@ -212,6 +213,12 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
         weights = [1.0] * len(adapter_dirs)
     if len(weights) != len(adapter_dirs):
         raise SvdServeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
+    for flag, values in (("--weights", weights), ("--lambda", [lam]), ("--density", [density])):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise SvdServeError(f"{flag} must be {'finite numbers' if flag == '--weights' else 'a finite number'}, "
+                                f"not {', '.join(map(str, values))}")
+    if not 0 <= seed < 2**63:
+        raise SvdServeError(f"--seed must be in [0, 2**63), not {seed}")
     if method == "linear" and abs(sum(weights)) < 1e-8:
         raise SvdServeError("linear merge: the weights sum to zero")
     if not 0 < density <= 1:
@@ -235,7 +242,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
           fold: bool = False, rank: int | None = None, shared: str = "ties", overwrite: bool = False) -> dict:
     """Merge native adapters of one base; returns a report (output kind, ranks, errors)."""
-    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared)
+    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed)
     inputs = [base, *adapter_dirs]
     check_out(out, inputs, overwrite)
     model = load_base(base, dtype="auto")
@@ -263,6 +270,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     if fold:
         for name, f in merged.items():
             add_low_rank_(model.get_submodule(name).weight, *f)
+        check_finite(model.state_dict().items(), f"refusing to write {out}")
         with atomic_dir(out, inputs, overwrite) as tmp:
             model.save_pretrained(tmp)
             copy_tokenizer_files(Path(base), tmp)
@@ -282,6 +290,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
             a, b = (d[name].A, d[name].B) if name in d else (torch.zeros(1, n), torch.zeros(m, 1))
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
         add_low_rank_(model.get_submodule(name).weight, sa, sb)
+    check_finite(model.state_dict().items(), f"refusing to write {out}")
     with atomic_dir(out, inputs, overwrite) as tmp:
         model.save_pretrained(tmp / "base")
         copy_tokenizer_files(Path(base), tmp / "base")
