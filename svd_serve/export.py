@@ -45,8 +45,10 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
     check_out(out, [base, *adapter_dirs], overwrite)
+    sets = [AdapterSet.load(p) for p in adapter_dirs]  # bad adapters are refused before the base is loaded
     model = load_base(base)
-    sets = [AdapterSet.load(p, model) for p in adapter_dirs]
+    for s in sets:
+        s.check_base(model)
     exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
     for e in exported:
         check_finite([(f"{n}.{k}", t) for n in e.A for k, t in (("A", e.A[n]), ("B", e.B[n]))],

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import SvdServeError
 from .io import check_out
 from .merge import delta_adapter
-from .model import load_base, resolve_targets
+from .model import check_base_dir, load_base, resolve_targets
 
 
 def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
@@ -31,13 +31,15 @@ def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
 def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int | None = None,
             energy: float | None = None, targets: str = "all-linear", overwrite: bool = False) -> dict:
     if (rank is None) == (energy is None):
-        raise SvdServeError("give exactly one of --rank K and --energy E")
+        raise SvdServeError("give exactly one of --max-rank K and --energy E")
     if rank is not None and rank < 1:
-        raise SvdServeError("--rank must be at least 1")
+        raise SvdServeError(f"--max-rank must be at least 1, not {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
     inputs = [base, finetuned]
     check_out(out, inputs, overwrite)
+    check_base_dir(base)
+    check_base_dir(finetuned)
     model, tuned = load_base(base), load_base(finetuned)
     if type(model) is not type(tuned):
         raise SvdServeError(f"the fine-tune is a {type(tuned).__name__}, the base a {type(model).__name__}")

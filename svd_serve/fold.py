@@ -22,10 +22,11 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 def fold(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     check_out(out, [base, adapter], overwrite)
+    adapters = AdapterSet.load(adapter)  # a bad adapter is refused before the base is loaded
     model = load_base(base, dtype="auto")
-    adapters = AdapterSet.load(adapter, model)
+    adapters.check_base(model)
     adapters.fold_into(model)
-    check_finite(model.state_dict().items(), f"refusing to write {out}")  # e.g. a float16 base overflowing
+    check_finite(model.state_dict().items(), f"refusing to write {out} (W + ΔW in the base's {model.dtype})")
     with atomic_dir(out, [base, adapter], overwrite) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(Path(base), tmp)

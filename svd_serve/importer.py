@@ -105,10 +105,12 @@ def unsupported(key: str, cfg: dict) -> str:
 
 def check_scale_config(cfg: dict, cfg_file: Path) -> None:
     """``r`` and ``lora_alpha`` (and their patterns) must be there and be finite numbers: they set ΔW's scale."""
-    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+    for key, kind, pattern in (("r", int, "rank_pattern"), ("lora_alpha", (int, float), "alpha_pattern")):
         if key not in cfg:
             raise SvdServeError(f"{cfg_file} has no {key!r}: the scale of ΔW (lora_alpha / r) is unknown")
-        values = [cfg[key], *(cfg.get(key.replace("lora_", "") + "_pattern") or {}).values()]
+        if not isinstance(cfg.get(pattern) or {}, dict):
+            raise SvdServeError(f"{cfg_file}: {pattern} must be a mapping of module names to values")
+        values = [cfg[key], *(cfg.get(pattern) or {}).values()]
         for v in values:
             if not isinstance(v, kind) or isinstance(v, bool) or not math.isfinite(v) or (key == "r" and v < 1):
                 raise SvdServeError(f"{cfg_file}: {key} must be {'a positive integer' if key == 'r' else 'a finite number'}"

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -55,7 +56,21 @@ def check_out(out: str | Path, inputs: Iterable[str | Path | None] = (), overwri
         if not (out / MARKER).is_file():
             raise SvdServeError(f"{flag} {out} holds files svd-serve did not write; --overwrite replaces "
                                 "only svd-serve outputs: move them away or choose another " + flag)
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be created or written (nothing is created here)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SvdServeError(f"cannot create output directory {out}: {existing} is not a directory")
+    try:  # a real probe: os.access says yes to root everywhere, /proc and read-only mounts included
+        tempfile.TemporaryDirectory(dir=existing, prefix=".svd-serve-probe-").cleanup()
+    except OSError as e:
+        raise SvdServeError(f"output directory {existing} is not writable ({e.strerror or e})") from None
 
 
 def _alive(pid: int) -> bool:
@@ -84,8 +99,9 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
                 p.rename(out)
                 print(f"note: restored {out} from {p}, left by an interrupted run", file=sys.stderr)
                 continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
+            for q in [p, *out.parent.glob(f".{p.name}.*")]:  # and the temporaries of that temporary
+                shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
+                removed.append(q)
     for p in removed:
         print(f"note: removed {p}, left by an interrupted run", file=sys.stderr)
     return removed

@@ -225,16 +225,16 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
         raise SvdServeError(f"--density {density} must be in (0, 1]")
     if method == "twin":
         if fold or rank is None:
-            raise SvdServeError("twin writes a new base plus one adapter per task: give --rank, not --fold")
+            raise SvdServeError("twin writes a new base plus one adapter per task: give --max-rank, not --fold")
         if shared not in MERGES:
             raise SvdServeError(f"--shared must be one of: {', '.join(MERGES)}")
         names = [Path(p).name for p in adapter_dirs]
         if len(set(names)) != len(names):
             raise SvdServeError(f"twin: adapter directory names must be distinct (they name the outputs): {names}")
     elif fold == (rank is not None):
-        raise SvdServeError("give exactly one of --fold (a merged checkpoint) and --rank K (one adapter)")
+        raise SvdServeError("give exactly one of --fold (a merged checkpoint) and --max-rank K (one adapter)")
     if rank is not None and rank < 1:
-        raise SvdServeError("--rank must be at least 1")
+        raise SvdServeError(f"--max-rank must be at least 1, not {rank}")
     return weights
 
 
@@ -245,11 +245,16 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed)
     inputs = [base, *adapter_dirs]
     check_out(out, inputs, overwrite)
-    model = load_base(base, dtype="auto")
     sets = []
-    for path in adapter_dirs:
+    for path in adapter_dirs:  # bad adapters are refused before the base is loaded
         try:
-            sets.append(AdapterSet.load(path, model))
+            sets.append(AdapterSet.load(path))
+        except SvdServeError as e:
+            raise SvdServeError(f"{path}: {e}") from None
+    model = load_base(base, dtype="auto")
+    for path, s in zip(adapter_dirs, sets):
+        try:
+            s.check_base(model)
         except SvdServeError as e:
             raise SvdServeError(f"{path}: {e}") from None
     all_deltas = [s.deltas() for s in sets]
@@ -270,7 +275,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     if fold:
         for name, f in merged.items():
             add_low_rank_(model.get_submodule(name).weight, *f)
-        check_finite(model.state_dict().items(), f"refusing to write {out}")
+        check_finite(model.state_dict().items(), f"refusing to write {out} (W + ΔW in the base's {model.dtype})")
         with atomic_dir(out, inputs, overwrite) as tmp:
             model.save_pretrained(tmp)
             copy_tokenizer_files(Path(base), tmp)
@@ -290,7 +295,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
             a, b = (d[name].A, d[name].B) if name in d else (torch.zeros(1, n), torch.zeros(m, 1))
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
         add_low_rank_(model.get_submodule(name).weight, sa, sb)
-    check_finite(model.state_dict().items(), f"refusing to write {out}")
+    check_finite(model.state_dict().items(), f"refusing to write {out} (W + ΔW in the base's {model.dtype})")
     with atomic_dir(out, inputs, overwrite) as tmp:
         model.save_pretrained(tmp / "base")
         copy_tokenizer_files(Path(base), tmp / "base")

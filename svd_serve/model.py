@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .io import check_finite
 from .linalg import LowRank
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -61,6 +62,7 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
         raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
     except (ImportError, RuntimeError) as e:
         raise SvdServeError(broken_environment(e) or f"cannot load {path} as a causal LM: {e}") from None
+    check_finite(model.state_dict().items(), f"the model {path} is corrupt")
     return model.eval()
 
 

@@ -111,7 +111,7 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         import yaml  # JSON is YAML
 
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes()) or {}  # (bytes: a file that is not UTF-8 is a YAMLError)
         except yaml.YAMLError as e:
             raise SvdServeError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
