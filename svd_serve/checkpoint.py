@@ -19,7 +19,7 @@ import torch
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet
 from .errors import SvdServeError
-from .io import atomic_dir, atomic_write_text, check_out, check_writable
+from .io import atomic_dir, atomic_write_text, check_out
 
 STATE_NAME = "trainer_state.pt"
 RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "loss.png", "checkpoints", ".final.tmp")

@@ -47,7 +47,7 @@ from .checkpoint import TrainState
 from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split, where
 from .distributed import Processes, check_device
 from .errors import SvdServeError
-from .io import MARKER
+from .io import MARKER, check_writable
 from .methods import DEFAULT_METHOD, Options, get_method
 from .methods.base import field_kind, parse_value
 from .model import absorb_frozen, check_base_dir, load_base, load_tokenizer, resolve_targets
@@ -302,8 +302,8 @@ def train(cfg: TrainConfig) -> Path:
 
 def check_config(cfg: TrainConfig) -> Options:
     """Refuse a bad setting with one clear error; returns the method's options."""
-    for f in dataclasses.fields(cfg):  # a library caller's TrainConfig is checked as a config file's
-        config_value(f.name, getattr(cfg, f.name))
+    for f in dataclasses.fields(cfg):  # a library caller's TrainConfig is parsed and checked as a config file's
+        setattr(cfg, f.name, config_value(f.name, getattr(cfg, f.name)))
     method = get_method(cfg.method)
     check_base_dir(cfg.base)
     check_device(cfg.device)
@@ -367,7 +367,7 @@ def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
         checkpoint.prepare_out(out, [cfg.base, cfg.data, cfg.eval_data, cfg.calib_data], cfg.overwrite,
                                remove=procs.master)
     if procs.master:
-        checkpoint.check_writable(out)
+        check_writable(out)
     return resume_from
 
 

