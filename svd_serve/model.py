@@ -89,7 +89,8 @@ def broken_environment(error: BaseException | None = None) -> str | None:
     be transformers' "Could not import module" error (or an import error) for a diagnosis to apply."""
     from importlib import metadata
 
-    if error is not None and not (isinstance(error, ImportError) or "Could not import module" in str(error)):
+    failed_import = error is not None and "Could not import module" in str(error)  # transformers' lazy import
+    if error is not None and not (failed_import or isinstance(error, ImportError)):
         return None
     try:
         torch_version = metadata.version("torch").split("+")[0]
@@ -104,7 +105,7 @@ def broken_environment(error: BaseException | None = None) -> str | None:
         pins = [m[1].split("+")[0] for r in dist.requires or [] if (m := re.match(r"torch\s*\(?\s*==\s*([\w.+]+)", r))]
         if any(pin != torch_version for pin in pins):
             found.append(f"{name} {dist.version} (built for torch {pins[0]})")
-        elif error is not None:
+        elif failed_import and not pins:  # (torchcodec names no torch version: a suspect all the same)
             found.append(f"{name} {dist.version}")
     if not found:
         return None

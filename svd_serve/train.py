@@ -339,8 +339,8 @@ class Rows(NamedTuple):
     eval: list[dict] | None  # --eval-data, or --eval-split of the data
     calib: list[dict] | None  # --calib-data of a fresh run
     tokenizer: object
-    examples: list[Example]  # train and eval, tokenized
-    evals: list[Example]
+    examples: list[Example]  # the training rows, tokenized
+    evals: list[Example]  # the evaluation rows, tokenized
 
 
 def read_data(cfg: TrainConfig, say: Callable = print) -> Rows:
