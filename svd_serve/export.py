@@ -17,12 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .adapter import AdapterSet
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
-from .io import check_out
+from .io import check_finite, check_out
 from .linalg import LowRank, factored_svd
 from .model import LowRankDelta, linear_names, load_base
 from .weights import Weights, return_freed_memory
@@ -97,6 +97,9 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     ckpt = Weights(base)
     sets = [AdapterSet.load(p, ckpt) for p in adapter_dirs]
     exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
+    for e in exported:
+        check_finite([(f"{n}.{k}", t) for n in e.A for k, t in (("A", e.A[n]), ("B", e.B[n]))],
+                     f"refusing to export {e.name}")
     checks = {e.name: check_factors(e, s) for e, s in zip(exported, sets)} if verify else {}
     if check_logits is None:
         check_logits = verify and ckpt.nbytes <= CHECK_LOGITS_MAX_BYTES

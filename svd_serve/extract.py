@@ -45,9 +45,9 @@ def same_tensor(base: Weights, tuned: Weights, name: str, block: int = 1 << 24) 
 def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int | None = None,
             energy: float | None = None, targets: str = "all-linear", overwrite: bool = False) -> dict:
     if (rank is None) == (energy is None):
-        raise SvdServeError("give exactly one of --rank K and --energy E")
+        raise SvdServeError("give exactly one of --max-rank K and --energy E")
     if rank is not None and rank < 1:
-        raise SvdServeError("--rank must be at least 1")
+        raise SvdServeError(f"--max-rank must be at least 1, not {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
     inputs = [base, finetuned]

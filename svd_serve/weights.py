@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .io import check_finite
 from .linalg import LowRank
 from .model import add_low_rank_, check_base_dir, fingerprint_digest, fingerprint_stride
 
@@ -176,7 +177,7 @@ class Weights:
         info = self.info(name)
         dtype = DTYPES[info.dtype]
         if info.offset < 0:
-            return self._bin(info.file)[name].clone()
+            return self._finite(name, self._bin(info.file)[name].clone())
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         with open(info.file, "rb", buffering=0) as f:
@@ -187,21 +188,27 @@ class Weights:
                 if not got:
                     raise SvdServeError(f"{info.file} is truncated (tensor {name})")
                 done += got
-        return buf.view(dtype).reshape(info.shape)
+        return self._finite(name, buf.view(dtype).reshape(info.shape))
+
+    def _finite(self, name: str, tensor: Tensor) -> Tensor:
+        """``tensor``, read from this checkpoint, refused when it holds NaN or infinity (every tensor
+        svd-serve reads is checked; tensors copied through unread are written as they are)."""
+        check_finite([(name, tensor)], f"the model {self.path} is corrupt")
+        return tensor
 
     def sample(self, name: str, stride: int) -> Tensor:
         """``tensor.reshape(-1)[::stride]`` (a copy), reading only the pages that hold it."""
         info = self.info(name)
         dtype = DTYPES[info.dtype]
         if info.offset < 0:
-            return self._bin(info.file)[name].reshape(-1)[::stride].clone()
+            return self._finite(name, self._bin(info.file)[name].reshape(-1)[::stride].clone())
         if info.numel == 0:
             return torch.empty(0, dtype=dtype)
         bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
         mapped = np.memmap(info.file, dtype=bits, mode="r", offset=info.offset, shape=(info.numel,))
         values = np.array(mapped[::stride])
         del mapped  # unmapped here: its pages leave the process's RSS
-        return torch.from_numpy(values).view(dtype)
+        return self._finite(name, torch.from_numpy(values).view(dtype))
 
     # --- modules --------------------------------------------------------------------------------
     @cached_property
@@ -472,6 +479,7 @@ def write_folded(ckpt: Weights, out: Path, modules: list[str], delta: Callable[[
                 weight = (weight.float() + d.float()).to(weight.dtype)
             else:
                 add_low_rank_(weight, *d)
+            check_finite([(key, weight)], f"refusing to write the folded checkpoint (W + ΔW in the base's {weight.dtype})")
             writer.write(key, weight)
             del weight
             bar.update()

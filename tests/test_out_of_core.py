@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from helpers import TOLERANCE, logits, make_adapter
 from safetensors.torch import load_file
 
-from svd_serve.adapter import AdapterConfig, AdapterSet, make_options
+from svd_serve.adapter import AdapterConfig, AdapterSet
 from svd_serve.weights import SAFE_INDEX, Weights, ShardWriter, copy_model_files, shard_by_size
 from svd_serve.merge import MERGES, MergeParams
 from svd_serve.model import add_low_rank_, fingerprint, load_base, resolve_targets
