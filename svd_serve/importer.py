@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .errors import SvdServeError
 from .io import check_out
-from .linalg import minor_svd, top_svd
+from .linalg import leading_qr, minor_svd, top_svd
 from .merge import Factors, delta_adapter
 from .model import load_base
 
@@ -91,8 +91,8 @@ def initial_factors(init, weight: Tensor, r: int, s: float) -> Factors:
         u, sig, vh = top_svd(weight, r)
         root = (sig / s).sqrt()
         return root[:, None] * vh, u * root
-    q, rr = torch.linalg.qr(weight.float())
-    return rr[:r], q[:, :r]
+    q, rr = leading_qr(weight, r)
+    return rr, q
 
 
 def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], weight: Tensor,

@@ -18,6 +18,7 @@ from svd_serve.calib import input_covariances
 from svd_serve.export import export
 from svd_serve.fold import fold
 from svd_serve.methods import METHODS
+from svd_serve.methods.corda import CorDAOptions, damped_inverse
 from svd_serve.model import load_base, resolve_targets
 from svd_serve.tiny import CORPUS
 
@@ -174,10 +175,18 @@ def test_max_rank_reports_its_error(method, env, tmp_path):
     assert max(errors.values()) > 1e-3  # rank k really truncates here
 
 
-def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, scale: float) -> torch.Tensor:
     """What the method's paper takes out of (or keeps of) ``W`` at init, densely in float64."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = RANK
+    if method == "olora":  # s·Q[:, :r] R[:r] of the full QR
+        q, rr = torch.linalg.qr(w)
+        return scale * q[:, :r] @ rr[:r]
+    if method.startswith("corda"):  # the r first (IPA) or last (KPA) triplets of W C, times C⁻¹
+        fixed, inv = (t.double() for t in damped_inverse(cov, CorDAOptions.damp))
+        u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+        picked = slice(0, r) if method == "corda-ipa" else slice(-r, None)
+        return (u[:, picked] * s[picked]) @ vh[picked] @ inv
     if method in ("pissa", "sorsa", "svfit"):
         return (u[:, :r] * s[:r]) @ vh[:r]
     if method in ("milora", "soma"):
@@ -190,7 +199,8 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Ten
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"])
+@pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore", "olora",
+                                    "corda-ipa", "corda-kpa"])
 def test_initial_component_is_the_documented_one(method, env):
     e = env("phi3")
     _, adapters = create(e, method)
@@ -203,5 +213,9 @@ def test_initial_component_is_the_documented_one(method, env):
         else:
             a, b = layer.frozen_factors()
             piece = -(b.double() @ a.double())
-        expected = expected_piece(method, w, e.covs[name].double())
-        assert (piece - expected).abs().max() <= 1e-5 * float(torch.linalg.matrix_norm(w, 2)), name
+        expected = expected_piece(method, w, e.covs[name].double(), layer.scale)
+        size = float(torch.linalg.matrix_norm(w, 2))
+        if method.startswith("corda"):  # a piece of W C, mapped back through C⁻¹
+            fixed, inv = (t.double() for t in damped_inverse(e.covs[name], layer.opts.damp))
+            size = float(torch.linalg.matrix_norm(w @ fixed, 2) * torch.linalg.matrix_norm(inv, 2))
+        assert (piece - expected).abs().max() <= 1e-5 * size, name
