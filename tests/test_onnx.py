@@ -14,10 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TOLERANCE
-from test_verify import log_in_tmp, one_error  # noqa: F401  (log_in_tmp: an autouse fixture)
+from helpers import TOLERANCE, folded, make_adapter, one_error
 
-from svd_serve.adapter import AdapterSet, make_options
 from svd_serve.converters import onnx as conv
 from svd_serve.converters.onnx import OnnxLM, check_adapter, graph_lora_inputs, prefill_feed, session_options
 from svd_serve.errors import SvdServeError
@@ -30,43 +28,17 @@ pytestmark = pytest.mark.onnx
 PROMPT = "The quick brown fox"
 
 
-def make_adapter(base, out, rank, targets, seed):
-    model = load_base(base)
-    adapters = AdapterSet.create(model, "lora", make_options("lora", rank=rank),
-                                 resolve_targets(model, targets), progress=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return adapters.save(out)
-
-
-def folded(base, adapter=None):
-    model = load_base(base)
-    if adapter is not None:
-        AdapterSet.load(adapter, model).fold_into(model)
-    return model
-
-
 @pytest.fixture(scope="module")
-def setup(tiny_model, tmp_path_factory, run_cli_module):
+def setup(tiny_model, tmp_path_factory, run_cli):
     base = tiny_model("llama")
     tmp = tmp_path_factory.mktemp("onnx")
-    wide = make_adapter(base, tmp / "wide", 8, "all-linear", seed=1)
-    narrow = make_adapter(base, tmp / "narrow", 4, "q_proj,v_proj", seed=2)
-    code, out = run_cli_module("export", "--target", "onnx", "--base", base, "--adapter", wide,
-                               "--adapter", narrow, "--out", tmp / "exp", "--dtype", "float32")
+    wide = make_adapter(base, tmp / "wide", rank=8, targets="all-linear", seed=1)
+    narrow = make_adapter(base, tmp / "narrow", seed=2)
+    code, out = run_cli("export", "--target", "onnx", "--base", base, "--adapter", wide,
+                        "--adapter", narrow, "--out", tmp / "exp", "--dtype", "float32")
     assert code == 0, out
     refs = {None: folded(base), "wide": folded(base, wide), "narrow": folded(base, narrow)}
     return {"base": base, "tmp": tmp, "out": tmp / "exp", "wide": wide, "narrow": narrow, "refs": refs}
-
-
-@pytest.fixture(scope="module")
-def run_cli_module():
-    from conftest import _invoke
-    from svd_serve.cli import main
-
-    return lambda *args: _invoke(main, [str(a) for a in args])
 
 
 def test_manifest_and_graph(setup):
@@ -192,7 +164,7 @@ def test_refuses_adapter_of_another_base(setup, tmp_path, run_cli):
     from svd_serve.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other-base", "llama", seed=1)
-    foreign = make_adapter(other, tmp_path / "foreign", 4, "q_proj,v_proj", seed=3)
+    foreign = make_adapter(other, tmp_path / "foreign", seed=3)
     export("onnx", other, [foreign], tmp_path / "exp", dtype="float32")
     file = tmp_path / "exp" / "adapters" / "foreign.onnx_adapter"
     with pytest.raises(SvdServeError, match="exported for another base"):
@@ -259,7 +231,7 @@ def test_refuses_head_dim_gqa_rejects(overrides, tmp_path, run_cli):
     from svd_serve.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", "llama", **overrides)
-    adapter = make_adapter(base, tmp_path / "ad", 2, "q_proj", seed=1)
+    adapter = make_adapter(base, tmp_path / "ad", rank=2, targets="q_proj", seed=1)
     out = tmp_path / "exp"
     code, text = run_cli("export", "--target", "onnx", "--base", base, "--adapter", adapter, "--out", out,
                          "--dtype", "float32")

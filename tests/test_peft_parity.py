@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from svd_serve.methods import METHODS
-from test_methods import Env, create, env, gap, logits, perturb  # noqa: F401  (env is a fixture)
+from helpers import Env, create, gap, logits, perturb
 
 RANK, ALPHA = 4, 8.0  # scale 2 on both sides
 TOL = 1e-4
@@ -69,7 +67,7 @@ def align_signs(a, b, a_ref, b_ref):
 def test_same_as_peft(method, env, tmp_path):
     e = env("llama")
     theirs = peft_model_for(method, e, tmp_path)
-    model, ours = create(e, method)
+    model, ours = create(e, method, RANK)
     assert ours.layers[next(iter(ours.layers))].scale == ALPHA / RANK
     assert len(dict(ours.items())) == len(e.targets) == 7 * e.model.config.num_hidden_layers
 

@@ -9,43 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_adapter, one_error
 
-from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.adapter import AdapterSet
 from svd_serve.converters import TARGETS, ExportedAdapter, ExportJob, Target, get_target
 from svd_serve.converters.peft import RECORD, read_lora, scale
 from svd_serve.errors import SvdServeError
-from svd_serve.model import load_base, resolve_targets
-
-
-@pytest.fixture(scope="module", autouse=True)
-def log_in_tmp(tmp_path_factory):
-    """Runtime output goes to a log file of the test session, not the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SVD_SERVE_LOG", str(tmp_path_factory.mktemp("log") / "svd-serve.log"))
-        yield
-
-
-def one_error(code: int, output: str, *needles: str) -> str:
-    """Exit 2, exactly one ``error:`` line holding every needle, no traceback."""
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2, output
-    assert "Traceback" not in output, output
-    assert len(errors) == 1, output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def perturbed(base: Path, out: Path, method: str = "kasa", targets: str = "all-linear", seed: int = 0) -> Path:
-    """An adapter moved off its init, so that it changes the outputs."""
-    model = load_base(base)
-    s = AdapterSet.create(model, method, make_options(method, rank=4), resolve_targets(model, targets), progress=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in s.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return s.save(out)
+from svd_serve.model import load_base
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +24,7 @@ def peft_export(tiny_model, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("peft-verify")
     base = tiny_model("llama")
-    adapter = perturbed(base, tmp / "kasa")
+    adapter = make_adapter(base, tmp / "kasa", "kasa", targets="all-linear", scale=0.1)
     export("peft", base, [adapter], tmp / "peft")
     return {"base": base, "adapter": adapter, "out": tmp / "peft", "tmp": tmp}
 
@@ -92,7 +62,7 @@ def test_a_new_target_is_one_file_and_one_line(tiny_model, tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(TARGETS, "npz", "npz_target:NpzTarget")
     base = tiny_model("llama")
-    adapter = perturbed(base, tmp_path / "lora", "lora", "q_proj")
+    adapter = make_adapter(base, tmp_path / "lora", targets="q_proj", scale=0.1)
     report = export("npz", base, [adapter], tmp_path / "out")
     import numpy as np
 
@@ -241,7 +211,7 @@ def test_verify_peft_needs_the_export_record(peft_export, run_cli, tmp_path):
 
 
 def test_peft_export_of_several_adapters_is_refused(peft_export, run_cli, tmp_path):
-    second = perturbed(peft_export["base"], tmp_path / "second", "lora", "q_proj")
+    second = make_adapter(peft_export["base"], tmp_path / "second", targets="q_proj", scale=0.1)
     out = tmp_path / "out"
     code, text = run_cli("export", "--target", "peft", "--base", peft_export["base"], "--adapter",
                          peft_export["adapter"], "--adapter", second, "--out", out)

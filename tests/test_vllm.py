@@ -20,29 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_adapter, one_error
 
-from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.adapter import AdapterSet
 from svd_serve.converters import ExportedAdapter, ExportJob
 from svd_serve.converters import vllm as conv
 from svd_serve.converters import vllm_plugin as plugin
 from svd_serve.errors import SvdServeError
-from svd_serve.model import load_base, resolve_targets
+from svd_serve.model import load_base
 from svd_serve.verify import PROMPTS, greedy
-from test_verify import log_in_tmp, one_error  # noqa: F401  (log_in_tmp: an autouse fixture)
 
 MAX_TOKENS = 8
-
-
-def perturbed_adapter(model, method: str, seed: int, out: Path) -> Path:
-    """An adapter whose trainable tensors are moved off their init, so that it changes outputs."""
-    s = AdapterSet.create(model, method, make_options(method, rank=4), resolve_targets(model, "all-linear"),
-                          progress=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in s.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return s.save(out)
 
 
 def scratch_env(tmp: Path) -> dict:
@@ -64,8 +52,8 @@ def setup(tmp_path_factory):
     base = build_tiny_model(tmp / "base", "llama", head_dim=32)
     model = load_base(base)
     root = tmp / "root"
-    adapters = [perturbed_adapter(model, "kasa", 1, root / "kasa"),
-                perturbed_adapter(model, "pissa", 2, root / "pissa")]
+    adapters = [make_adapter(base, root / "kasa", "kasa", targets="all-linear", seed=1, scale=0.1),
+                make_adapter(base, root / "pissa", "pissa", targets="all-linear", seed=2, scale=0.1)]
     report = export("vllm", base, adapters, tmp / "exp")
     return {"tmp": tmp, "base": base, "root": root, "adapters": adapters, "exp": tmp / "exp",
             "report": report, "model": model}
@@ -374,7 +362,7 @@ def test_verify_refuses_a_head_dim_the_engine_rejects(run_cli, tmp_path, capfd):
     from svd_serve.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", "llama")  # head_dim 16
-    adapter = perturbed_adapter(load_base(base), "lora", 3, tmp_path / "lora")
+    adapter = make_adapter(base, tmp_path / "lora", targets="all-linear", seed=3, scale=0.1)
     export("vllm", base, [adapter], tmp_path / "exp")
     capfd.readouterr()
     code, out = run_cli("verify", "--target", "vllm", "--base", base, "--export", tmp_path / "exp")

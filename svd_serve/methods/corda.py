@@ -6,14 +6,13 @@ import torch
 
 from ..errors import SvdServeError
 from ..linalg import LowRank, exact_svd
-from .base import Options
+from .base import LoRAOptions, opt
 from .residual import Residual
 
 
 @dataclass
-class CorDAOptions(Options):
-    damp: float = 0.01
-    """Initial damping δ of ``C + δ·mean(diag C)·I``; doubled until ‖C C⁻¹ − I‖_F < 0.05."""
+class CorDAOptions(LoRAOptions):
+    damp: float = opt(0.01, "Initial damping δ of C + δ·mean(diag C)·I; doubled until ‖C C⁻¹ − I‖_F < 0.05.", gt=0)
 
 
 def damped_inverse(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

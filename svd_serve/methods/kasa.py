@@ -6,15 +6,14 @@ import torch
 from torch import nn
 
 from ..linalg import LowRank, minor_svd
-from .base import Adapter, Options, kaiming_, orthogonality
+from .base import Adapter, LoRAOptions, kaiming_, opt, orthogonality
 
 
 @dataclass
-class KaSAOptions(Options):
-    beta: float = 1e-4
-    """Weight of the singular-value penalty ``Σ d²``."""
-    gamma: float = 1e-3
-    """Weight of the orthogonality penalty ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (r×r Grams, as HF PEFT)."""
+class KaSAOptions(LoRAOptions):
+    beta: float = opt(1e-4, "Weight of the singular-value penalty Σ d².", reg=True, ge=0)
+    gamma: float = opt(1e-3, "Weight of the orthogonality penalty ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (r×r Grams, as HF PEFT).",
+                       reg=True, ge=0)
 
 
 class KaSA(Adapter):

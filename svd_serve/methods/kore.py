@@ -3,18 +3,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import SvdServeError
 from ..linalg import LowRank
-from .base import Options
+from .base import LoRAOptions, opt
 from .residual import Residual
 
 
 @dataclass
-class KOREOptions(Options):
-    freeze_a: bool = False
-    """Train only B (KORE v2): ΔW = s·(B − B0) A0, rank ≤ r, and A stays in the null space."""
+class KOREOptions(LoRAOptions):
+    freeze_a: bool = opt(False, "Train only B (KORE v2): ΔW = s·(B − B0) A0, rank ≤ r, and A stays in the null space.")
 
 
 class KORE(Residual):
@@ -26,6 +24,7 @@ class KORE(Residual):
     name = "kore"
     paper = "KORE: Enhancing Knowledge Injection via Knowledge-Oriented Constraints (github KORE-LMM/KORE); LoRA-Null (github HungerPWAY/LoRA-Null)"
     Options = KOREOptions
+    bound = "2r (r with freeze_a)"
     needs_calibration = True
 
     def build(self) -> None:

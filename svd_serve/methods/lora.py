@@ -12,6 +12,7 @@ class LoRA(Adapter):
 
     name = "lora"
     paper = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
+    bound = "r"
 
     def build(self) -> None:
         self.A = nn.Parameter(torch.zeros(self.opts.rank, self.n))

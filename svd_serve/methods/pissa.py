@@ -2,15 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Options
 from ..linalg import LowRank, top_svd
+from .base import LoRAOptions, niter_opt
 from .residual import Residual
 
 
 @dataclass
-class PiSSAOptions(Options):
-    niter: int | None = None
-    """None: exact SVD. An integer: randomized SVD with that many power iterations (fast init)."""
+class PiSSAOptions(LoRAOptions):
+    niter: int | None = niter_opt()
 
 
 class PiSSA(Residual):

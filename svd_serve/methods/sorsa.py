@@ -6,15 +6,14 @@ import torch
 from torch import nn
 
 from ..linalg import LowRank, top_svd
-from .base import Adapter, Options, orthogonality
+from .base import Adapter, RankOptions, niter_opt, opt, orthogonality
 
 
 @dataclass
-class SORSAOptions(Options):
-    gamma: float = 4e-4
-    """Weight of ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (mean over layers). Added to the loss; the official
-    trainer instead applies its gradient scaled by γ/lr after clipping."""
-    niter: int | None = None
+class SORSAOptions(RankOptions):
+    gamma: float = opt(4e-4, "Weight of ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (mean over layers), added to the loss (the "
+                             "official trainer applies its gradient scaled by γ/lr after clipping).", reg=True, ge=0)
+    niter: int | None = niter_opt()
 
 
 class SORSA(Adapter):
