@@ -47,7 +47,7 @@ from .errors import SvdServeError
 from .io import MARKER
 from .methods import DEFAULT_METHOD, Options, get_method
 from .methods.base import field_kind, parse_value
-from .model import absorb_frozen, check_base_dir, load_base, resolve_targets
+from .model import absorb_frozen, check_base_dir, float32_attention, load_base, resolve_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
 SCHEDULES = ("cosine", "linear", "constant")
@@ -360,6 +360,8 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_
     if cfg.absorb_frozen:
         absorb_frozen(model)
     model.to(procs.device)
+    if dtype == torch.bfloat16 and procs.device.type == "cpu":
+        float32_attention(model)  # bfloat16 attention backward is the slower one on CPUs
     model.config.use_cache = False
     autocast = functools.partial(torch.autocast, procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

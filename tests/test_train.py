@@ -164,6 +164,38 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
         assert _logits(model, batch, "cpu", nullcontext).abs().max() < 2.0
 
 
+def test_float32_attention_in_bfloat16_runs(tiny_model):
+    """CPU bfloat16 training computes attention in float32 (the registry entry takes float32 inputs
+    under autocast) and the logits stay within bfloat16's tolerance of the float32 model's."""
+    import svd_serve.model as sm
+    from svd_serve.model import FLOAT32_SDPA, float32_attention, load_base
+
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = load_base(tiny_model("llama"))(input_ids=ids).logits.detach()
+    model = load_base(tiny_model("llama"), torch.bfloat16)
+    seen = []
+    inner = sm._sdpa_float32
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append(query.dtype)
+        return inner(module, query, key, value, mask, **kwargs)
+
+    assert float32_attention(model) and model.config._attn_implementation == FLOAT32_SDPA
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLOAT32_SDPA, spy)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits.float()
+    finally:
+        AttentionInterface.register(FLOAT32_SDPA, inner)
+    assert seen == [torch.bfloat16] * model.config.num_hidden_layers  # called in every layer
+    assert (logits - reference).abs().max() <= 2e-2 * reference.abs().max()  # bfloat16: 8 bits of mantissa
+    eager = load_base(tiny_model("llama"), torch.bfloat16)
+    eager.set_attn_implementation("eager")
+    assert not float32_attention(eager) and eager.config._attn_implementation == "eager"
+
+
 def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
     out = run_train(cfg(tiny_model, qa_data, tmp_path / "bf16", steps=2, dtype="bfloat16", method="lora"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
