@@ -33,7 +33,7 @@ from .adapter import delta_adapter
 from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .io import check_finite, check_out
-from .linalg import LowRank, minor_svd, top_svd
+from .linalg import LowRank, leading_qr, minor_svd, top_svd
 
 
 PREFIX = "base_model.model."
@@ -140,8 +140,8 @@ def initial_factors(init, weight: Tensor, r: int, s: float) -> LowRank:
     """PEFT's ``(A0, B0)`` for pissa (exact SVD) and olora, re-derived from the original weight."""
     if init == "pissa":
         return LowRank.from_svd(*top_svd(weight, r), scale=s)
-    q, rr = torch.linalg.qr(weight.float())
-    return LowRank(rr[:r], q[:, :r])
+    q, rr = leading_qr(weight, r)
+    return LowRank(rr, q)
 
 
 def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[int, int],

@@ -51,7 +51,7 @@ from .health import DEFAULT_LIMIT, check_init, parse_limit
 from .io import MARKER, check_writable
 from .methods import DEFAULT_METHOD, Options, get_method
 from .methods.base import field_kind, parse_value
-from .model import absorb_frozen, check_base_dir, load_base, load_tokenizer, resolve_targets
+from .model import absorb_frozen, check_base_dir, float32_attention, load_base, load_tokenizer, resolve_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
 SCHEDULES = ("cosine", "linear", "constant")
@@ -225,20 +225,34 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 # --- the loss --------------------------------------------------------------------------------------
 def loss_sum(model: nn.Module, batch: dict, device="cpu", autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ cross-entropy over target tokens (float32, at the target positions only) and their count.
-    A :func:`collate_packed` batch has position ids and no attention mask (and must have no cache:
-    one would hide the boundaries between its examples)."""
-    logits = _logits(model, batch, device, autocast)
-    labels = batch["labels"][:, 1:].to(device)
-    targets = labels != IGNORE
-    ce = F.cross_entropy(logits[:, :-1][targets].float(), labels[targets], reduction="sum")
+    """Σ cross-entropy over target tokens (float32) and their count. The output head runs only at
+    the positions that predict a target (:func:`_logits` with ``at``): on chat rows most positions
+    carry no loss, and the head is the widest layer of a small model (a fifth of SmolLM2-135M's
+    forward FLOPs per token). A :func:`collate_packed` batch has position ids and no attention mask (and
+    must have no cache: one would hide the boundaries between its examples)."""
+    labels = batch["labels"].to(device)
+    targets = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    logits = _logits(model, batch, device, autocast, at=F.pad(targets, (0, 1)))
+    ce = F.cross_entropy(logits.float(), labels[:, 1:][targets], reduction="sum")
     return ce, targets.sum()
 
 
-def _logits(model, batch, device, autocast) -> torch.Tensor:
+def _logits(model, batch, device, autocast, at: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits ``[rows, width, vocab]``, or with a mask ``at [rows, width]`` those of its positions
+    only, ``[n, vocab]`` in row-major order: the decoder's last hidden states are gathered there
+    before the output head (a hook on its input), so whatever the model applies after the head
+    (a final soft-cap, a logit scale) applies unchanged. A model without ``get_output_embeddings``
+    computes every position's logits and the positions are picked from them."""
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    with autocast():
-        return model(**inputs, use_cache=False).logits
+    head = model.get_output_embeddings() if at is not None and hasattr(model, "get_output_embeddings") else None
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][at], *args[1:])) if head is not None else None
+    try:
+        with autocast():
+            logits = model(**inputs, use_cache=False).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits[at] if at is not None and head is None else logits
 
 
 @torch.no_grad()
@@ -397,6 +411,8 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_
     if cfg.absorb_frozen:
         absorb_frozen(model)
     model.to(procs.device)
+    if dtype == torch.bfloat16 and procs.device.type == "cpu":
+        float32_attention(model)  # bfloat16 attention backward is the slower one on CPUs
     model.config.use_cache = False
     autocast = functools.partial(torch.autocast, procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

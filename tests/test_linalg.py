@@ -1,5 +1,5 @@
-"""``minor_svd`` (plain and activation-aware), ``top_svd`` and ``compress`` against dense
-``torch.linalg.svd`` in float64."""
+"""``minor_svd`` (plain and activation-aware), ``top_svd``, ``leading_qr`` and ``compress`` against
+dense ``torch.linalg.svd`` / ``torch.linalg.qr`` in float64."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from svd_serve.linalg import compress, damped, minor_svd, top_svd
+from svd_serve.linalg import compress, damped, gram_components, leading_qr, minor_svd, top_svd
 
 SHAPES = {"tall": (48, 20), "wide": (20, 48), "square": (32, 32)}
 
@@ -60,6 +60,35 @@ def test_exact_top_svd_matches_float64_svd(shape, r):
     sign = torch.sign((vh_r.double() * vh[:r]).sum(1))
     assert (vh_r.double() * sign[:, None] - vh[:r]).abs().max() <= 1e-5
     assert (u_r.double() * sign - u[:, :r]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_gram_components_of_an_inner_range(shape):
+    """Any contiguous range of the ascending singular triplets, not only the ends."""
+    w = randn(*shape)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    k = min(shape)
+    us_m, s_m, vh_m = gram_components(w, slice(3, 7))  # ascending positions 3..6 = descending k-7..k-4
+    picked = slice(k - 7, k - 3)
+    assert (s_m - s[picked]).abs().max() <= 1e-12 * float(s[0])
+    assert (us_m @ vh_m - (u[:, picked] * s[picked]) @ vh[picked]).abs().max() <= 1e-10 * float(s[0])
+    with pytest.raises(ValueError):
+        gram_components(w, slice(5, 5))
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("r", [1, 5])
+def test_leading_qr_is_the_full_qr_truncated(shape, r):
+    """The r leading columns of Q and rows of R of the full Householder QR (same signs), to float32
+    rounding; R's first r columns upper triangular exactly."""
+    w = randn(*shape)
+    q, rr = torch.linalg.qr(w.double())
+    q_r, r_r = leading_qr(w, r)
+    assert q_r.dtype == r_r.dtype == torch.float32
+    assert q_r.shape == (shape[0], r) and r_r.shape == (r, shape[1])
+    assert (q_r.double() - q[:, :r]).abs().max() <= 1e-6  # orthonormal columns: entries ≤ 1
+    assert (r_r.double() - rr[:r]).abs().max() <= 1e-6 * float(torch.linalg.matrix_norm(w.double(), 2))
+    assert torch.equal(r_r[:, :r], r_r[:, :r].triu())
 
 
 @pytest.mark.parametrize("shape", [(40, 16), (16, 40)], ids=["tall", "wide"])

@@ -17,6 +17,7 @@ from svd_serve.adapter import AdapterSet
 from svd_serve.export import export
 from svd_serve.fold import fold
 from svd_serve.methods import METHODS
+from svd_serve.methods.corda import CorDAOptions, damped_inverse
 from svd_serve.model import load_base
 
 ARCHS = ["llama", "qwen2", "phi3"]
@@ -129,10 +130,18 @@ def test_max_rank_reports_its_error(method, env, tmp_path):
     assert max(errors.values()) > 1e-3  # rank k really truncates here
 
 
-def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts) -> torch.Tensor:
+def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts, scale: float = 1.0) -> torch.Tensor:
     """What the method's paper takes out of (or keeps of) ``W`` at init, densely in float64."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = RANK
+    if method == "olora":  # s·Q[:, :r] R[:r] of the full QR
+        q, rr = torch.linalg.qr(w)
+        return scale * q[:, :r] @ rr[:r]
+    if method.startswith("corda"):  # the r first (IPA) or last (KPA) triplets of W C, times C⁻¹
+        fixed, inv = (t.double() for t in damped_inverse(cov, CorDAOptions.damp))
+        u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+        picked = slice(0, r) if method == "corda-ipa" else slice(-r, None)
+        return (u[:, picked] * s[picked]) @ vh[picked] @ inv
     if method in ("pissa", "sorsa", "svfit"):
         return (u[:, :r] * s[:r]) @ vh[:r]
     if method in ("milora", "soma"):
@@ -146,7 +155,8 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts) -> tor
 
 
 @pytest.mark.parametrize("method, options", [
-    *[(m, {}) for m in ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"]],
+    *[(m, {}) for m in ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore", "olora", "corda-ipa",
+                        "corda-kpa"]],
     ("milora", {"select": "activation"}), ("soma", {"select": "activation", "damp": 0.0})])
 def test_initial_component_is_the_documented_one(method, options, env):
     e = env("phi3")
@@ -160,5 +170,10 @@ def test_initial_component_is_the_documented_one(method, options, env):
         else:
             a, b = layer.frozen_factors()
             piece = -(b.double() @ a.double())
-        expected = expected_piece(method, w, e.covs[name].double(), layer.opts)
-        assert (piece - expected).abs().max() <= 1e-5 * float(torch.linalg.matrix_norm(w, 2)), name
+        expected = expected_piece(method, w, e.covs[name].double(), layer.opts,
+                                  layer.scale if method == "olora" else 1.0)
+        size = float(torch.linalg.matrix_norm(w, 2))
+        if method.startswith("corda"):  # a piece of W C, mapped back through C⁻¹
+            fixed, inv = (t.double() for t in damped_inverse(e.covs[name], layer.opts.damp))
+            size = float(torch.linalg.matrix_norm(w @ fixed, 2) * torch.linalg.matrix_norm(inv, 2))
+        assert (piece - expected).abs().max() <= 1e-5 * size, name
