@@ -80,3 +80,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def load_line() -> str:
     return f"load average {os.getloadavg()[0]:.1f}"
+
+
+def trained_adapter(base: Path, out: Path, method: str = "lora", rank: int = 8, targets: str = "all-linear",
+                    steps: int = 8) -> Path:
+    """A real adapter of ``base``: ``svd-serve train`` for a few steps on :func:`chat_rows` (no
+    random perturbation: the exported tensors are what training made)."""
+    from svd_serve.train import TrainConfig, train
+
+    data = write_jsonl(out.parent / f"{out.name}-rows.jsonl", chat_rows(64))
+    train(TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank, targets=targets,
+                      steps=steps, batch_size=8, lr=2e-3, progress=False))
+    return out
