@@ -5,7 +5,8 @@ Every method sees, per module, each adapter's exact task vector ``τ_i = ΔW_i =
 original base (``AdapterSet.deltas``), as factors ``(A [r, n], B [m, r])``, and returns the merged
 ``ΔW`` as factors again. Linear, task arithmetic, TSV and KnOTS never form an ``m × n`` matrix; the
 element-wise methods (TIES, DARE) need the dense ``τ_i`` and build them one module at a time.
-``λ`` (``--lambda``) scales the merged ΔW of every method. Formulas: mergekit's
+``λ`` (``--lambda``) scales the merged ΔW of every method. ``atlas`` learns per-module coefficients
+on a few labelled rows with the training loop (atlas.py). Formulas: mergekit's
 ``generalized_task_arithmetic`` for TIES/DARE (TIES normalises by ``Σ w_i M_i``, DARE rescales each
 dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS papers for the others.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import AdapterConfig, AdapterSet
+from .atlas import AtlasSettings, learn
 from .errors import SvdServeError
 from .fold import copy_tokenizer_files
 from .io import atomic_dir, check_out
@@ -174,7 +176,7 @@ MERGES: dict[str, Callable[[list[Factors], MergeParams], Factors]] = {
     "tsv": tsv,
     "knots": knots,
 }
-METHODS = [*MERGES, "twin"]
+METHODS = [*MERGES, "atlas", "twin"]  # atlas learns its coefficients (atlas.py), twin writes a new base
 
 
 # --- native output ---------------------------------------------------------------------------------
@@ -203,9 +205,12 @@ def delta_adapter(model: nn.Module, factors: dict[str, Factors], base_model: str
 
 # --- the command -----------------------------------------------------------------------------------
 def check_args(method: str, adapter_dirs: list, weights: list[float] | None, density: float,
-               fold: bool, rank: int | None, shared: str) -> list[float]:
+               fold: bool, rank: int | None, shared: str, atlas: AtlasSettings | None = None) -> list[float]:
     if method not in METHODS:
         raise SvdServeError(f"unknown merge method {method!r}; choose one of: {', '.join(METHODS)}")
+    if (method == "atlas") != (atlas is not None):
+        raise SvdServeError("atlas learns its coefficients on labelled rows: give --data FILE.jsonl" if atlas is None
+                            else "--data, --steps, --lr and --per-component are options of --method atlas only")
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
     if weights is None:
@@ -233,11 +238,15 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
 
 def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, method: str,
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
-          fold: bool = False, rank: int | None = None, shared: str = "ties", overwrite: bool = False) -> dict:
-    """Merge native adapters of one base; returns a report (output kind, ranks, errors)."""
-    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared)
-    inputs = [base, *adapter_dirs]
+          fold: bool = False, rank: int | None = None, shared: str = "ties", overwrite: bool = False,
+          atlas: AtlasSettings | None = None) -> dict:
+    """Merge native adapters of one base; returns a report (output kind, ranks, errors). ``atlas``:
+    how ``method="atlas"`` learns its coefficients (``seed`` orders its data)."""
+    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, atlas)
+    inputs = [base, *adapter_dirs, atlas.data if atlas else None]
     check_out(out, inputs, overwrite)
+    if atlas is not None:
+        atlas.check(base, seed)
     model = load_base(base, dtype="auto")
     sets = []
     for path in adapter_dirs:
@@ -250,16 +259,21 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     modules = [n for n in linear_names(model) if n in covered]
     params = MergeParams(weights=weights, density=density, lam=lam,
                          generator=torch.Generator().manual_seed(seed))
-    merge_fn = MERGES[shared if method == "twin" else method]
+    merge_fn = MERGES.get(shared if method == "twin" else method)
 
-    merged: dict[str, Factors] = {}
-    for name in modules:
+    def task_vectors(name: str) -> list[LowRank]:
         m, n = model.get_submodule(name).weight.shape
-        zero = (torch.zeros(1, n), torch.zeros(m, 1))
-        deltas = [(d[name].A, d[name].B) if name in d else zero for d in all_deltas]
-        merged[name] = merge_fn(deltas, params)
+        zero = LowRank(torch.zeros(1, n), torch.zeros(m, 1))
+        return [d[name].factors if name in d else zero for d in all_deltas]
 
     report: dict = {"method": method, "modules": len(modules), "out": str(out)}
+    if method == "atlas":
+        learned = learn(base, {name: task_vectors(name) for name in modules}, [lam * w for w in weights], atlas,
+                        type(model).__name__, fingerprint(model, modules), seed)
+        merged: dict[str, Factors] = learned.factors
+        report["atlas"] = learned.summary()
+    else:
+        merged = {name: merge_fn(task_vectors(name), params) for name in modules}
     if fold:
         for name, f in merged.items():
             add_low_rank_(model.get_submodule(name).weight, *f)

@@ -1,9 +1,10 @@
 """``svd-serve train``: the adapter training loop, in phases that read top to bottom.
 
     train(cfg)
+      start          everything before the first step, in three phases:
       check_config   every bad input is refused before any work (options, files, output directory)
       Processes      one process, or data-parallel ranks under torchrun (distributed.py)
-      setup          base → examples → targets → (calibrate) → adapter, fresh or a checkpoint's
+      setup          base → examples → targets → (calibrate) → adapter, fresh, a checkpoint's or given
                      → AdamW over the adapter only → the run's state (fresh or the checkpoint's)
       fit            per step: lr → one global batch (all accumulation steps, all ranks), loss =
                      Σ masked cross-entropy / target tokens of the whole global batch + the method's
@@ -45,7 +46,7 @@ from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_j
 from .distributed import Processes
 from .errors import SvdServeError
 from .io import MARKER
-from .methods import DEFAULT_METHOD, Options, get_method
+from .methods import DEFAULT_METHOD, Adapter, Options, get_method
 from .methods.base import field_kind, parse_value
 from .model import absorb_frozen, check_base_dir, load_base, resolve_targets
 
@@ -259,30 +260,43 @@ class Run:
         return loss_sum(self.model, batch, self.procs.device, self.autocast)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path."""
-    opts = check_config(cfg)
-    rows = read_data(cfg)
-    procs = Processes.start(cfg.device)
-    resume_from = prepare_out(cfg, procs)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def train(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Path:
+    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path.
 
-    run = setup(cfg, procs, opts, rows, resume_from)
+    ``adapters``: train this adapter set (made for ``cfg.base``, not attached to a model) in place
+    instead of a fresh one; its own method and options hold (``cfg.method``, ``rank``, ``alpha``,
+    ``options``, ``reg``, ``targets`` and ``calib_data`` are not used), and its class may be one
+    outside the method registry (the trainable combination of a merge)."""
+    run = start(cfg, adapters)
     fit(run)
     finish(run)
     return run.out
 
 
-def check_config(cfg: TrainConfig) -> Options:
-    """Refuse a bad setting with one clear error; returns the method's options."""
-    method = get_method(cfg.method)
+def start(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Run:
+    """Everything before the first step (see :func:`train` for ``adapters``): the checks, the data,
+    the processes, the output directory, the seeds and :func:`setup`."""
+    opts = check_config(cfg, adapters.method if adapters is not None else None)
+    rows = read_data(cfg)
+    procs = Processes.start(cfg.device)
+    resume_from = prepare_out(cfg, procs)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return setup(cfg, procs, opts, rows, resume_from, adapters)
+
+
+def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Options | None:
+    """Refuse a bad setting with one clear error; returns the method's options. ``given``: the class
+    of a given adapter set (see :func:`train`), which has its own options (None is returned)."""
+    if given is not None and cfg.resume:
+        raise SvdServeError("--resume continues a run from its own checkpoint, not from a given adapter set")
+    method = given or get_method(cfg.method)
     check_base_dir(cfg.base)
     if cfg.steps is not None and cfg.epochs is not None:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
         raise SvdServeError("give --eval-data or --eval-split, not both")
-    if method.needs_calibration and not cfg.calib_data and not cfg.resume:
+    if given is None and method.needs_calibration and not cfg.calib_data and not cfg.resume:
         raise SvdServeError(f"method {cfg.method} needs --calib-data")
     if cfg.dtype not in DTYPES:
         raise SvdServeError(f"--dtype must be {' or '.join(DTYPES)}, not {cfg.dtype}")
@@ -298,7 +312,7 @@ def check_config(cfg: TrainConfig) -> Options:
         if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise SvdServeError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
                                 f"{low}, not {value}")
-    return method_options(cfg)
+    return method_options(cfg) if given is None else None
 
 
 class Rows(NamedTuple):
@@ -330,17 +344,22 @@ def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
     return resume_from
 
 
-def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_from: Path | None) -> Run:
-    """The base, the examples, the adapter attached to the base (fresh, or the checkpoint's), the
-    optimizer, and the state to start from."""
+def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, resume_from: Path | None,
+          adapters: AdapterSet | None = None) -> Run:
+    """The base, the examples, the adapter attached to the base (fresh, the checkpoint's, or the given
+    ``adapters``, checked against this base), the optimizer, and the state to start from."""
     from transformers import AutoTokenizer
 
     dtype = DTYPES[cfg.dtype]
     model = load_base(cfg.base, dtype)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     examples, evals = encode_examples(cfg, tokenizer, rows, procs.say)
-    adapters = (resume_adapter(cfg, model, resume_from) if resume_from is not None
-                else new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master))
+    if adapters is not None:
+        adapters.check_base(model)
+    elif resume_from is not None:
+        adapters = resume_adapter(cfg, model, resume_from)
+    else:
+        adapters = new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master)
     model.requires_grad_(False)
     adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
     if cfg.absorb_frozen:
@@ -416,7 +435,7 @@ def fit(run: Run) -> None:
     metrics = run.out / "metrics.jsonl"
     run.model.train()
     start, run_tokens = time.perf_counter(), 0
-    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {cfg.method}",
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {run.adapters.config.method}",
                disable=not (cfg.progress and procs.master), dynamic_ncols=True)
     for step in range(state.step, state.total_steps):
         t0 = time.perf_counter()
