@@ -5,11 +5,12 @@ and resume across the decision."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
-from helpers import adapter_tensors, max_diff
+from helpers import adapter_tensors, make_adapter, max_diff
 from safetensors.torch import load_file
 
 from svd_serve.adapter import AdapterConfig, AdapterSet, make_options
@@ -136,3 +137,30 @@ def test_resume_across_the_decision_is_exact(tiny_model, qa_data, tmp_path):
 def test_options_are_checked(bad):
     with pytest.raises(SvdServeError, match=f"option {next(iter(bad))} must be"):
         make_options("diffora", **bad)
+
+
+def decided_adapter(base, out) -> tuple[object, list[str]]:
+    """A DiffoRA adapter over all-linear modules, as if trained, after its decision: the modules
+    kept, and the adapter saved at ``out``."""
+    path = make_adapter(base, out.with_name(out.name + "-search"), "diffora", targets="all-linear", scale=0.1)
+    adapters = AdapterSet.load(path)
+    adapters.after_step(1, 4)  # search = 0.25 of 4 steps: the decision
+    kept = [name for name, layer in adapters.items() if float(layer.on) == 1]
+    assert 0 < len(kept) < len(dict(adapters.items()))
+    return adapters.save(out), kept
+
+
+@pytest.mark.onnx
+def test_switched_off_modules_run_in_onnx_runtime(tiny_model, tmp_path, run_cli):
+    base = tiny_model("llama")
+    adapter, _ = decided_adapter(base, tmp_path / "diffora")
+    code, out = run_cli("export", "--target", "onnx", "--base", base, "--adapter", adapter, "--out", tmp_path / "exp",
+                        "--dtype", "float32")
+    assert code == 0, out
+    code, out = run_cli("verify", "--target", "onnx", "--base", base, "--export", tmp_path / "exp",
+                        "--max-new-tokens", "4", "--json", tmp_path / "r.json")
+    assert code == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] and set(report["checks"]) == {"(base)", "diffora"}
+    assert report["checks"]["diffora"]["max_logprob_gap"] <= 1e-3
+
