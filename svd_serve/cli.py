@@ -12,10 +12,10 @@ import sys
 import click
 
 from . import log
+from .atlas import AtlasSettings
 from .converters import TARGETS
 from .demo import demo
 from .errors import SvdServeError
-from .atlas import AtlasSettings
 from .merge import MERGES
 from .merge import METHODS as MERGE_METHODS
 from .methods import METHODS

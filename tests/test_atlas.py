@@ -168,3 +168,22 @@ def test_bad_input(base, tasks, tmp_path, run_cli):
                             "--out", tmp_path / "o")
         one_error(code, out, needle)
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_merge(tmp_path):
+    """A few steps on the real model: two small adapters over overlapping modules, learned coefficients
+    lower the few-shot loss, and the written adapter is the exact merge (rank ≤ 2 + 2)."""
+    from helpers import make_adapter
+
+    from svd_serve.realmodel import smollm2
+
+    base = smollm2()
+    paths = [make_adapter(base, tmp_path / "a", "lora", rank=2, targets="q_proj,v_proj", seed=1, scale=0.02),
+             make_adapter(base, tmp_path / "b", "lora", rank=2, targets="v_proj,o_proj", seed=2, scale=0.02)]
+    few = write_jsonl(tmp_path / "few.jsonl", [row(w, fn, a, b) for _, _, w, fn in SPECS.values() for a, b in PAIRS[:2]])
+    report = merge(base, paths, tmp_path / "out", "atlas", rank=64,
+                   atlas=AtlasSettings(data=str(few), steps=2, progress=False))
+    assert report["kind"] == "adapter" and report["rank"] == 4 and report["max_rel_error"] == 0.0
+    assert report["modules"] == 90 and report["atlas"]["coefficients"] == 180
+    assert report["atlas"]["loss"] < report["atlas"]["loss_start"]

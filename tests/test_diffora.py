@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import adapter_tensors, make_adapter, max_diff
+from helpers import adapter_tensors, make_adapter, max_diff, write_jsonl
 from safetensors.torch import load_file
 
 from svd_serve.adapter import AdapterConfig, AdapterSet, make_options
@@ -164,3 +164,23 @@ def test_switched_off_modules_run_in_onnx_runtime(tiny_model, tmp_path, run_cli)
     assert report["ok"] and set(report["checks"]) == {"(base)", "diffora"}
     assert report["checks"]["diffora"]["max_logprob_gap"] <= 1e-3
 
+
+
+@pytest.mark.slow
+def test_smollm2_few_steps(tmp_path):
+    """Two steps on the real model (short rows): the decision over its 60 q/v modules, exported exactly."""
+    from svd_serve.realmodel import smollm2
+
+    base = smollm2()
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"Q: {a} plus {b}?\nA:", "completion": f" {a + b}"}
+                                                 for a in range(3) for b in range(3)])
+    out = train(TrainConfig(base=str(base), data=str(data), out=str(tmp_path / "run"), method="diffora",
+                            targets="q_proj,v_proj", options={"keep": 0.25, "search": 0.5}, steps=2, batch_size=4,
+                            lr=1e-3, progress=False))
+    layers = dict(AdapterSet.load(out).items())
+    on = [name for name, layer in layers.items() if float(layer.on) == 1]
+    assert len(layers) == 60 and len(on) == DiffoRA.kept(60, 0.25) == 15
+    assert all((torch.count_nonzero(dense(layer.delta())) > 0) == (name in on) for name, layer in layers.items())
+    report = export("peft", base, [out], tmp_path / "peft")
+    entry = report["adapters"]["run"]
+    assert entry["max_rel_error"] == 0.0 and entry["rank"] == 8 and entry["max_logit_gap"] <= 1e-3
