@@ -88,10 +88,12 @@ def _key_value(pair: str, method: str) -> tuple[str, str]:
 class AdapterSet(nn.Module):
     """One method adapter per target module. ``attach`` wraps the modules of a model with them."""
 
-    def __init__(self, config: AdapterConfig):
+    def __init__(self, config: AdapterConfig, method: type[Adapter] | None = None):
+        """``method``: the layers' class (default: the registered method ``config.method``); a class
+        outside the registry, such as the trainable combination of a merge, is passed here."""
         super().__init__()
         self.config = config
-        cls = get_method(config.method)
+        cls = method or get_method(config.method)
         options = dict(config.options)
         for key in ("rank", "alpha"):  # files of svd-serve 0.1 held both for every method, used or not
             if key not in cls.Options.fields():
@@ -199,9 +201,9 @@ class AdapterSet(nn.Module):
         return torch.stack(terms).mean() if terms else None
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Every layer's :meth:`Adapter.after_step` hook (the training loop calls it after each update)."""
-        for _, layer in self.items():
-            layer.after_step(step, total_steps)
+        """The method's :meth:`Adapter.after_step_all` hook over every layer (by default each layer's
+        :meth:`Adapter.after_step`); the training loop calls it after each update."""
+        self.method.after_step_all(dict(self.items()), step, total_steps)
 
     def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
         """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""

@@ -12,15 +12,18 @@ import sys
 import click
 
 from . import log
+from .atlas import AtlasSettings
 from .converters import TARGETS
 from .demo import demo
 from .errors import SvdServeError
+from .merge import MERGES
 from .merge import METHODS as MERGE_METHODS
 from .methods import METHODS
 from .train import DTYPES, SCHEDULES, TrainConfig
 from .verify import TOLERANCE, VerifyOptions
 
 TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the defaults of `train`
+ATLAS = {f.name: f.default for f in dataclasses.fields(AtlasSettings)}  # and of `merge --method atlas`
 DEMO = {k: p.default for k, p in inspect.signature(demo).parameters.items()}  # and of `demo`
 TARGETS_HELP = "Module-name suffixes (comma list), 'all-linear', or a regex over full names."
 OVERWRITE_HELP = "Replace an earlier svd-serve output at --out (never other files)."
@@ -232,20 +235,29 @@ def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, 
 @click.option("--weights", help="Comma list, one per adapter (default: all 1).")
 @click.option("--density", default=1.0, show_default=True, type=float,
               help="TIES/KnOTS: fraction of magnitudes kept; DARE: keep probability.")
-@click.option("--lambda", "lam", default=1.0, show_default=True, type=float, help="Scale of the merged ΔW.")
-@click.option("--seed", default=0, show_default=True, type=int, help="DARE's random masks.")
-@click.option("--shared", default="ties", show_default=True, type=click.Choice(MERGE_METHODS[:-1]),
+@click.option("--lambda", "lam", default=1.0, show_default=True, type=float,
+              help="Scale of the merged ΔW (atlas: the coefficients start at lambda × weight).")
+@click.option("--seed", default=0, show_default=True, type=int, help="DARE's random masks; atlas: the data order.")
+@click.option("--shared", default="ties", show_default=True, type=click.Choice(list(MERGES)),
               help="twin: the method of the shared merge.")
+@click.option("--data", type=click.Path(),
+              help="atlas: the few labelled rows (JSONL in a training format) its coefficients are learned on.")
+@click.option("--per-component", is_flag=True,
+              help="atlas: one coefficient per singular component of each task vector and module "
+                   "(default: one per task vector and module).")
+@click.option("--steps", type=int, help=f"atlas: optimizer steps (default: {ATLAS['epochs']:g} epochs of --data).")
+@click.option("--lr", type=float, help=f"atlas: learning rate of the coefficients (default: {ATLAS['lr']:g}).")
 @click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
 @click.option("--max-rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
 @click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--max-shard-size", help="--fold/twin: shard the checkpoint at this size, e.g. 5GB (default: the base's shards).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def merge(base, adapters, method, weights, density, lam, seed, shared, fold, max_rank, old_rank, out, max_shard_size,
-          overwrite):
+def merge(base, adapters, method, weights, density, lam, seed, shared, data, per_component, steps, lr, fold,
+          max_rank, old_rank, out, max_shard_size, overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
-    one residual adapter per task, OUT/base and OUT/adapters/NAME."""
+    one residual adapter per task, OUT/base and OUT/adapters/NAME. atlas learns one coefficient per
+    task vector and module (or per singular component) on --data with the training loop."""
     from .merge import merge as run
 
     max_rank = one_of("--max-rank", max_rank, "--rank", old_rank)
@@ -254,9 +266,20 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, max
             weights = [float(w) for w in weights.split(",")]
         except ValueError:
             raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
+    atlas = None
+    if data is not None or per_component or steps is not None or lr is not None:
+        given = {"steps": steps, "lr": lr}
+        atlas = AtlasSettings(data=data, per_component=per_component, **{k: v for k, v in given.items() if v is not None})
+        if data is None:
+            raise SvdServeError("--steps, --lr and --per-component need --data (and --method atlas)")
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
                  seed=seed, fold=fold, rank=max_rank, shared=shared, max_shard_size=max_shard_size,
-                 overwrite=overwrite)
+                 overwrite=overwrite, atlas=atlas)
+    if "atlas" in report:
+        a = report["atlas"]
+        click.echo(f"few-shot loss {a['loss_start']:.4f} at the initial coefficients (task arithmetic) → "
+                   f"{a['loss']:.4f} learned ({a['coefficients']} coefficients, {a['steps']} steps; mean λ per "
+                   f"task {', '.join(f'{x:.3f}' for x in a['mean_lambda'])})")
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
     for name, entry in report.get("adapters", {}).items():

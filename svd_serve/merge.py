@@ -6,7 +6,8 @@ original base (``AdapterSet.deltas``), as factors ``(A [r, n], B [m, r])``, and 
 ``ΔW``: as factors (linear, task arithmetic, TSV and KnOTS, which never form an ``m × n`` matrix), or
 as that module's dense ``m × n`` matrix (the element-wise methods, TIES and DARE, which need the
 dense ``τ_i``). Modules are merged one at a time, in model order, just before they are written.
-``λ`` (``--lambda``) scales the merged ΔW of every method. Formulas: mergekit's
+``λ`` (``--lambda``) scales the merged ΔW of every method. ``atlas`` learns per-module coefficients
+on a few labelled rows with the training loop (atlas.py). Formulas: mergekit's
 ``generalized_task_arithmetic`` for TIES/DARE (TIES normalises by ``Σ w_i M_i``, DARE rescales each
 dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS papers for the others.
 """
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .adapter import AdapterSet, delta_adapter
+from .atlas import AtlasSettings, learn
 from .weights import Weights, parse_size, return_freed_memory, write_folded
 from .errors import SvdServeError
 from .io import atomic_dir, check_out
@@ -172,14 +174,18 @@ MERGES: dict[str, Callable[[list[LowRank], MergeParams], Merged]] = {
     "tsv": tsv,
     "knots": knots,
 }
-METHODS = [*MERGES, "twin"]
+METHODS = [*MERGES, "atlas", "twin"]  # atlas learns its coefficients (atlas.py), twin writes a new base
 
 
 # --- the command -----------------------------------------------------------------------------------
 def check_args(method: str, adapter_dirs: list, weights: list[float] | None, density: float,
-               fold: bool, rank: int | None, shared: str, lam: float = 1.0, seed: int = 0) -> list[float]:
+               fold: bool, rank: int | None, shared: str, lam: float = 1.0, seed: int = 0,
+               atlas: AtlasSettings | None = None) -> list[float]:
     if method not in METHODS:
         raise SvdServeError(f"unknown merge method {method!r}; choose one of: {', '.join(METHODS)}")
+    if (method == "atlas") != (atlas is not None):
+        raise SvdServeError("atlas learns its coefficients on labelled rows: give --data FILE.jsonl" if atlas is None
+                            else "--data, --steps, --lr and --per-component are options of --method atlas only")
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
     if weights is None:
@@ -214,16 +220,20 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
 def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, method: str,
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
           fold: bool = False, rank: int | None = None, shared: str = "ties",
-          max_shard_size: int | str | None = None, overwrite: bool = False) -> dict:
-    """Merge native adapters of one base; returns a report (output kind, ranks, errors).
+          max_shard_size: int | str | None = None, overwrite: bool = False,
+          atlas: AtlasSettings | None = None) -> dict:
+    """Merge native adapters of one base; returns a report (output kind, ranks, errors). ``atlas``:
+    how ``method="atlas"`` learns its coefficients (``seed`` orders its data).
 
     The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
-    written), and each module is merged just before it is needed, so memory holds the adapters and
-    one module's merge at a time."""
-    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed)
+    written, or atlas trains on it), and each module is merged just before it is needed, so memory
+    holds the adapters and one module's merge at a time."""
+    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed, atlas)
     max_shard_size = parse_size(max_shard_size)
-    inputs = [base, *adapter_dirs]
+    inputs = [base, *adapter_dirs, *([atlas.data] if atlas else [])]
     check_out(out, inputs, overwrite)
+    if atlas is not None:
+        atlas.check(base, seed)
     return_freed_memory()
     ckpt = Weights(base)
     sets = []
@@ -237,7 +247,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     modules = [n for n in linear_names(ckpt.skeleton) if n in covered]
     params = MergeParams(weights=weights, density=density, lam=lam,
                          generator=torch.Generator().manual_seed(seed))
-    merge_fn = MERGES[shared if method == "twin" else method]
+    merge_fn = MERGES.get(shared if method == "twin" else method)
 
     def task_vectors(name: str) -> list[LowRank]:
         """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
@@ -245,11 +255,18 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         zero = LowRank(torch.zeros(1, n), torch.zeros(m, 1))
         return [d[name].factors if name in d else zero for d in all_deltas]
 
-    # modules are merged in model order, one at a time (DARE's masks are drawn in that order)
-    def merged(name: str) -> Merged:
-        return merge_fn(task_vectors(name), params)
-
     report: dict = {"method": method, "modules": len(modules), "out": str(out)}
+    if method == "atlas":  # the coefficients are learned first, on the whole model
+        learned = learn(base, {name: task_vectors(name) for name in modules}, [lam * w for w in weights], atlas,
+                        ckpt.architecture, ckpt.fingerprint(modules), seed)
+        report["atlas"] = learned.summary()
+
+        def merged(name: str) -> Merged:
+            return learned.factors[name]
+    else:
+        # modules are merged in model order, one at a time (DARE's masks are drawn in that order)
+        def merged(name: str) -> Merged:
+            return merge_fn(task_vectors(name), params)
     if fold:
         with atomic_dir(out, inputs, overwrite) as tmp:
             write_folded(ckpt, tmp, modules, merged, max_shard_size)

@@ -1,11 +1,13 @@
 """``svd-serve train``: the adapter training loop, in phases that read top to bottom.
 
     train(cfg)
+      start          everything before the first step, in three phases:
       check_config   every bad input is refused before any work (options, files, output directory)
       Processes      one process, or data-parallel ranks under torchrun (distributed.py)
       read_data      rows → tokens; rows without a single target token are refused or counted
       prepare_out    the output directory (refused, or an earlier run's files removed with --overwrite)
-      setup          base → targets → (calibrate) → adapter, fresh or a checkpoint's
+      setup          base → targets → (calibrate) → adapter, fresh, a checkpoint's or given
+                     → init health check (a fresh adapter)
                      → AdamW over the adapter only → the run's state (fresh or the checkpoint's)
       fit            per step: lr → one global batch (all accumulation steps, all ranks), loss =
                      Σ masked cross-entropy / target tokens of the whole global batch + the method's
@@ -49,7 +51,7 @@ from .distributed import Processes, check_device
 from .errors import SvdServeError
 from .health import DEFAULT_LIMIT, check_init, parse_limit
 from .io import MARKER, check_writable
-from .methods import DEFAULT_METHOD, Options, get_method
+from .methods import DEFAULT_METHOD, Adapter, Options, get_method
 from .methods.base import field_kind, parse_value
 from .model import absorb_frozen, check_base_dir, float32_attention, load_base, load_tokenizer, resolve_targets
 
@@ -309,34 +311,47 @@ class Run:
         return loss_sum(self.model, batch, self.procs.device, self.autocast)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path."""
-    opts = check_config(cfg)
-    procs = Processes.start(cfg.device)
-    rows = read_data(cfg, procs.say)
-    resume_from = prepare_out(cfg, procs)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def train(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Path:
+    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path.
 
-    run = setup(cfg, procs, opts, rows, resume_from)
+    ``adapters``: train this adapter set (made for ``cfg.base``, not attached to a model) in place
+    instead of a fresh one; its own method and options hold (``cfg.method``, ``rank``, ``alpha``,
+    ``options``, ``reg``, ``targets`` and ``calib_data`` are not used), and its class may be one
+    outside the method registry (the trainable combination of a merge)."""
+    run = start(cfg, adapters)
     fit(run)
     finish(run)
     return run.out
 
 
-def check_config(cfg: TrainConfig) -> Options:
-    """Refuse a bad setting with one clear error; returns the method's options."""
+def start(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Run:
+    """Everything before the first step (see :func:`train` for ``adapters``): the checks, the data,
+    the processes, the output directory, the seeds and :func:`setup`."""
+    opts = check_config(cfg, adapters.method if adapters is not None else None)
+    procs = Processes.start(cfg.device)
+    rows = read_data(cfg, procs.say)
+    resume_from = prepare_out(cfg, procs)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return setup(cfg, procs, opts, rows, resume_from, adapters)
+
+
+def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Options | None:
+    """Refuse a bad setting with one clear error; returns the method's options. ``given``: the class
+    of a given adapter set (see :func:`train`), which has its own options (None is returned)."""
     for f in dataclasses.fields(cfg):  # a library caller's TrainConfig is parsed and checked as a config file's
         setattr(cfg, f.name, config_value(f.name, getattr(cfg, f.name)))
-    method = get_method(cfg.method)
+    if given is not None and cfg.resume:
+        raise SvdServeError("--resume continues a run from its own checkpoint, not from a given adapter set")
+    method = given or get_method(cfg.method)
     check_base_dir(cfg.base)
     check_device(cfg.device)
     if cfg.steps is not None and cfg.epochs is not None:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
         raise SvdServeError("give --eval-data or --eval-split, not both")
-    opts = method_options(cfg)
-    if method.needs_calibration_for(opts) and not cfg.calib_data and not cfg.resume:
+    opts = method_options(cfg) if given is None else None
+    if given is None and method.needs_calibration_for(opts) and not cfg.calib_data and not cfg.resume:
         raise SvdServeError(f"method {cfg.method} needs --calib-data" + (
             " with select=activation" if getattr(opts, "select", None) == "activation" else ""))
     if cfg.dtype not in DTYPES:
@@ -398,14 +413,20 @@ def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
     return resume_from
 
 
-def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_from: Path | None) -> Run:
-    """The base, the examples, the adapter attached to the base (fresh, or the checkpoint's), the
-    optimizer, and the state to start from."""
+def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, resume_from: Path | None,
+          adapters: AdapterSet | None = None) -> Run:
+    """The base, the examples, the adapter attached to the base (fresh, the checkpoint's, or the given
+    ``adapters``, checked against this base), the optimizer, and the state to start from."""
     dtype = DTYPES[cfg.dtype]
     tokenizer, examples, evals = rows.tokenizer, rows.examples, rows.evals
     model = load_base(cfg.base, dtype)
-    adapters = (resume_adapter(cfg, model, resume_from) if resume_from is not None
-                else new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master))
+    given = adapters is not None
+    if given:
+        adapters.check_base(model)
+    elif resume_from is not None:
+        adapters = resume_adapter(cfg, model, resume_from)
+    else:
+        adapters = new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master)
     model.requires_grad_(False)
     adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
     if cfg.absorb_frozen:
@@ -441,7 +462,7 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_
         state = dataclasses.replace(saved, config=state.config)
         procs.say(f"resumed from {resume_from} at step {state.step}")
     # a fresh adapter must keep the base intact (health.py): checked before anything is written
-    health = None if resume_from is not None else check_init(
+    health = None if resume_from is not None or given else check_init(
         model, adapters, evals or examples, pad_id, functools.partial(loss_sum, model, device=procs.device,
                                                                       autocast=autocast),
         cfg.batch_size, cfg.max_init_loss_increase, procs.say)
@@ -510,7 +531,7 @@ def fit(run: Run) -> None:
     metrics = run.out / "metrics.jsonl"
     run.model.train()
     start, run_tokens = time.perf_counter(), 0
-    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {cfg.method}",
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {run.adapters.config.method}",
                disable=not (cfg.progress and procs.master), dynamic_ncols=True)
     for step in range(state.step, state.total_steps):
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def documented_bound(method: str, r: int, m: int, n: int) -> int:
     """The rank bound of ΔW the README's method table gives (defaults: SALT ratio 0.1, KORE B and A)."""
     k = min(m, n)
-    return {"lora": r, "svfit": r, "delta": r, "svf": k, "salt": max(1, int(k * 0.1)) + r}.get(method, 2 * r)
+    return {"lora": r, "svfit": r, "delta": r, "diffora": r, "svf": k, "salt": max(1, int(k * 0.1)) + r}.get(method, 2 * r)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

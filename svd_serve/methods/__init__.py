@@ -6,6 +6,7 @@ from ..errors import SvdServeError
 from .base import Adapter, LoRAOptions, Options, RankOptions, opt
 from .corda import CorDAIPA, CorDAKPA
 from .delta import Delta
+from .diffora import DiffoRA
 from .kasa import KaSA
 from .kore import KORE
 from .lora import LoRA
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Adapter]] = {
     "salt": SALT,
     "soma": SoMA,
     "kore": KORE,
+    "diffora": DiffoRA,
     "delta": Delta,
 }
 DEFAULT_METHOD = "kasa"

@@ -229,6 +229,17 @@ class Adapter(nn.Module):
         """Whether :meth:`init` needs the calibration covariance with these options."""
         return cls.needs_calibration
 
+    @classmethod
+    @torch.no_grad()
+    def after_step_all(cls, layers: dict[str, "Adapter"], step: int, total_steps: int) -> None:
+        """The per-step hook of a whole adapter set (module name → layer), called by the training loop
+        once after each optimizer step. By default it calls every layer's :meth:`after_step`; a method
+        whose decision spans all modules (a top-k over modules, a global budget) overrides it, under
+        the same rules as :meth:`after_step`, and must decide the same way on every process (it sees
+        the same layers there)."""
+        for layer in layers.values():
+            layer.after_step(step, total_steps)
+
     # --- shared ----------------------------------------------------------------------------------
     @property
     def scale(self) -> float:
