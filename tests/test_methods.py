@@ -46,7 +46,7 @@ def test_init_fold_and_peft_export(method, arch, env, tmp_path):
 
 @pytest.mark.parametrize("method, options", [
     ("kore", {"freeze_a": True}), ("pissa", {"niter": 4}), ("sorsa", {"niter": 4}), ("svfit", {"niter": 2}),
-    ("salt", {"ratio": 0.25}), ("kasa", {"alpha": 3.0}), ("corda-kpa", {"damp": 0.5})])
+    ("salt", {"ratio": 0.25}), ("kasa", {"alpha": 3.0}), ("corda-kpa", {"damp": 0.5}), ("osft", {"energy": 0.5})])
 def test_option_variants(method, options, env, tmp_path):
     check_init_fold_and_export(env("phi3"), method, tmp_path, **options)
 
