@@ -205,6 +205,10 @@ class AdapterSet(nn.Module):
         :meth:`Adapter.after_step`); the training loop calls it after each update."""
         self.method.after_step_all(dict(self.items()), step, total_steps)
 
+    def pop_stale(self) -> list[nn.Parameter]:
+        """Parameters whose optimizer state a layer's hook asked to drop (:meth:`Adapter.reset_optimizer_state`)."""
+        return [p for _, layer in self.items() for p in layer.pop_stale()]
+
     def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
         """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""
         return {name: compress(*layer.delta(), max_rank=max_rank) for name, layer in self.items()}

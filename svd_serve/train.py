@@ -12,6 +12,7 @@
       fit            per step: lr → one global batch (all accumulation steps, all ranks), loss =
                      Σ masked cross-entropy / target tokens of the whole global batch + the method's
                      regularizer → gradients summed over ranks → clip → step → the method's hook
+                     (and a fresh optimizer state for what the hook re-factorised)
                      → record, evaluate, checkpoint (checkpoint.py)
       finish         the final adapter at ``out``, the loss plot
 
@@ -586,6 +587,8 @@ def train_step(run: Run, step: int) -> tuple[dict, int]:
                  else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     run.optimizer.step()
     run.adapters.after_step(step + 1, run.total_steps)
+    for p in run.adapters.pop_stale():  # re-factorised by the hook: the optimizer starts their state afresh
+        run.optimizer.state.pop(p, None)
     run.optimizer.zero_grad(set_to_none=True)
     record = {"loss": ce_sum.item() / n_targets, "lr": lr, "grad_norm": float(grad_norm)}
     if reg is not None:  # at the parameters the loss was taken at

@@ -60,7 +60,7 @@ def test_init_fold_and_peft_export(method, arch, env, tmp_path):
     ("kore", {"freeze_a": True}), ("pissa", {"niter": 4}), ("sorsa", {"niter": 4}), ("svfit", {"niter": 2}),
     ("salt", {"ratio": 0.25}), ("kasa", {"alpha": 3.0}), ("corda-kpa", {"damp": 0.5}),
     ("kasa", {"select": "activation"}), ("milora", {"select": "activation"}),
-    ("soma", {"select": "activation", "damp": 0.0})])
+    ("soma", {"select": "activation", "damp": 0.0}), ("osft", {"energy": 0.5})])
 def test_option_variants(method, options, env, tmp_path):
     check_init_fold_and_export(env("phi3"), method, tmp_path, **options)
 

@@ -174,11 +174,13 @@ class Adapter(nn.Module):
     Options: ClassVar[type[Options]] = LoRAOptions
     alpha_per_rank: ClassVar[float] = 2.0
     needs_calibration: ClassVar[bool] = False
+    full_rank: ClassVar[bool] = False  # ΔW is not low-rank: `svd-serve methods` says how to serve it
 
     def __init__(self, out_features: int, in_features: int, opts: Options):
         super().__init__()
         self.m, self.n, self.opts = out_features, in_features, opts
         self.k = min(out_features, in_features)
+        self._stale: list[nn.Parameter] = []  # see reset_optimizer_state
         self.check()
         self.build()
 
@@ -220,7 +222,8 @@ class Adapter(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by the training loop for every layer after each optimizer step (``step`` updates
         done of ``total_steps``), gradients still in place. No-op by default; a method that prunes or
-        re-factors its parameters does it here. State it keeps must live in parameters or buffers
+        re-factors its parameters does it here (and names the parameters it re-factored with
+        :meth:`reset_optimizer_state`). State it keeps must live in parameters or buffers
         (so checkpoints and resume carry it), and it must not change :meth:`frozen_factors` (the run
         may have added them to its copy of the base weights)."""
 
@@ -239,6 +242,18 @@ class Adapter(nn.Module):
         the same layers there)."""
         for layer in layers.values():
             layer.after_step(step, total_steps)
+
+    def reset_optimizer_state(self, *params: nn.Parameter) -> None:
+        """For :meth:`after_step`: the values of ``params`` were replaced (re-sampled, re-factorised),
+        so the optimizer state kept for them (Adam's moments and step count) no longer describes them.
+        The training loop drops that state right after the hook; the optimizer starts it afresh at the
+        next step, as for a new parameter."""
+        self._stale.extend(params)
+
+    def pop_stale(self) -> list[nn.Parameter]:
+        """The parameters :meth:`reset_optimizer_state` named since the last call (then forgotten)."""
+        stale, self._stale = self._stale, []
+        return stale
 
     # --- shared ----------------------------------------------------------------------------------
     @property
@@ -269,6 +284,11 @@ class Adapter(nn.Module):
         needed, and every option with its type, default and doc (from the options schema)."""
         head = [f"{cls.name}  {cls.paper}",
                 f"    ΔW rank ≤ {cls.bound}" + ("; needs --calib-data" if cls.needs_calibration else "")]
+        if cls.full_rank:
+            head.append(textwrap.fill(
+                "ΔW is full-rank, not a small LoRA: serve it folded (`fold`), or as the best rank-K "
+                "approximation with its error reported (`export --max-rank K`, or `extract --max-rank K` "
+                "from the folded model).", width, initial_indent="    ", subsequent_indent="    "))
         rows = []
         for name, f in cls.Options.fields().items():
             kind, optional = cls.Options.kind(name)
