@@ -7,6 +7,7 @@ import copy
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def digest(path: str | Path) -> dict[str, str]:
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def scratch_env(tmp: Path) -> dict:
+    """Environment of a vLLM subprocess: its caches, scratch files and sockets under ``tmp``."""
+    scratch = tmp / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
+            "HF_HOME": str(tmp / "hf"), "TMPDIR": str(scratch), "VLLM_RPC_BASE_PATH": str(scratch),
+            # logprob ops are torch.compile'd on first use: eager is exact and saves ~30 s
+            "TORCH_COMPILE_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_adapter, one_error
+from helpers import make_adapter, one_error, scratch_env
 
 from svd_serve.adapter import AdapterSet
 from svd_serve.converters import ExportedAdapter, ExportJob
@@ -31,15 +31,6 @@ from svd_serve.model import load_base
 from svd_serve.verify import PROMPTS, greedy
 
 MAX_TOKENS = 8
-
-
-def scratch_env(tmp: Path) -> dict:
-    scratch = tmp / "scratch"
-    scratch.mkdir(exist_ok=True)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
-            "HF_HOME": str(tmp / "hf"), "TMPDIR": str(scratch), "VLLM_RPC_BASE_PATH": str(scratch),
-            # logprob ops are torch.compile'd on first use: eager is exact and saves ~30 s
-            "TORCH_COMPILE_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
