@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import SvdServeError
 from .io import atomic_dir, check_finite
-from .linalg import LowRank, compress
+from .linalg import LowRank, add_low_rank_, compress
 from .methods import Adapter, Options, get_method
 from .methods.delta import Delta
-from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
+from .model import AdaptedLinear, attach, detach, fingerprint
 
 CONFIG_NAME = "svd_adapter.json"
 WEIGHTS_NAME = "svd_adapter.safetensors"

@@ -238,3 +238,9 @@ def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e
     a_new, b_new = LowRank.from_svd(u[:, :keep_nz], kept, vh[:keep_nz])
     return Compressed(LowRank(a_new.float().contiguous(), b_new.float().contiguous()),
                       sigma=s.float(), rank=keep, rel_error=err)
+
+
+@torch.no_grad()
+def add_low_rank_(weight: Tensor, a: Tensor, b: Tensor) -> None:
+    """``W ← W + B A`` in place, computed in float32 and stored in the weight's dtype."""
+    weight.copy_((weight.float() + b.to(weight.device).float() @ a.to(weight.device).float()).to(weight.dtype))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -14,42 +11,10 @@ from torch import Tensor, nn
 
 from .errors import SvdServeError
 from .io import check_finite
-from .linalg import LowRank
+from .linalg import LowRank, add_low_rank_  # noqa: F401 (add_low_rank_: also imported from here)
+from .weights import DTYPES, WEIGHT_GLOBS, Weights, check_base_dir, fingerprint_digest, fingerprint_stride  # noqa: F401
 
-WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
-
-
-def check_base_dir(path: str | Path) -> Path:
-    """``path`` if it is a Hugging Face model directory whose config and safetensors headers can be
-    read (only the headers: this is cheap at any model size)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise SvdServeError(f"base model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise SvdServeError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        config = json.loads((path / "config.json").read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SvdServeError(f"{path / 'config.json'} is corrupt: {e}") from None
-    if not isinstance(config, dict):
-        raise SvdServeError(f"{path / 'config.json'} is corrupt: not a JSON object")
-    if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
-        raise SvdServeError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
-    for file in sorted(path.glob("*.safetensors")):
-        check_safetensors(file)
-    return path
-
-
-def check_safetensors(file: Path) -> None:
-    """Refuse a safetensors file that is truncated or corrupt, naming it (reads its header only)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(file, "pt"):
-            pass
-    except Exception as e:  # SafetensorError, OSError: several types for truncated or corrupt files
-        raise SvdServeError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt)") from None
 
 
 def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -87,7 +52,6 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
 def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] | None:
     """The checkpoint's tensors with floating ones in ``dtype``, or None when no conversion is
     needed (or the weights are not safetensors)."""
-    from .weights import DTYPES, Weights
 
     if not isinstance(dtype, torch.dtype):
         return None
@@ -293,12 +257,6 @@ class LowRankDelta(nn.Module):
         return LowRank(self.A, self.B).apply(x.to(self.A.dtype)).to(x.dtype)
 
 
-@torch.no_grad()
-def add_low_rank_(weight: Tensor, a: Tensor, b: Tensor) -> None:
-    """``W ← W + B A`` in place, computed in float32 and stored in the weight's dtype."""
-    weight.copy_((weight.float() + b.to(weight.device).float() @ a.to(weight.device).float()).to(weight.dtype))
-
-
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -316,23 +274,6 @@ def detach(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, AdaptedLinear):
             set_module(model, name, module.base)
-
-
-FINGERPRINT_SAMPLE = 16384  # values per weight
-
-
-def fingerprint_stride(numel: int) -> int:
-    return max(1, numel // FINGERPRINT_SAMPLE)
-
-
-def fingerprint_digest(samples: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
-    """The digest of ``(name, shape, weight.reshape(-1)[::fingerprint_stride(numel)])`` in name order,
-    each sample rounded to bfloat16 (through float32, as a float32-loaded model would be)."""
-    h = hashlib.sha256()
-    for name, shape, sample in samples:
-        h.update(f"{name}:{tuple(shape)}".encode())
-        h.update(sample.detach().float().to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def fingerprint(model: nn.Module, names: list[str]) -> str:

@@ -26,6 +26,7 @@ always safetensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,8 +41,59 @@ from torch import Tensor, nn
 
 from .errors import SvdServeError
 from .io import check_finite
-from .linalg import LowRank
-from .model import add_low_rank_, check_base_dir, fingerprint_digest, fingerprint_stride
+from .linalg import LowRank, add_low_rank_
+
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def check_base_dir(path: str | Path) -> Path:
+    """``path`` if it is a Hugging Face model directory whose config and safetensors headers can be
+    read (only the headers: this is cheap at any model size)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SvdServeError(f"base model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise SvdServeError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SvdServeError(f"{path / 'config.json'} is corrupt: {e}") from None
+    if not isinstance(config, dict):
+        raise SvdServeError(f"{path / 'config.json'} is corrupt: not a JSON object")
+    if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
+        raise SvdServeError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
+    return path
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a safetensors file that is truncated or corrupt, naming it (reads its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError: several types for truncated or corrupt files
+        raise SvdServeError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt)") from None
+
+
+FINGERPRINT_SAMPLE = 16384  # values per weight
+
+
+def fingerprint_stride(numel: int) -> int:
+    return max(1, numel // FINGERPRINT_SAMPLE)
+
+
+def fingerprint_digest(samples: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
+    """The digest of ``(name, shape, weight.reshape(-1)[::fingerprint_stride(numel)])`` in name order,
+    each sample rounded to bfloat16 (through float32, as a float32-loaded model would be)."""
+    h = hashlib.sha256()
+    for name, shape, sample in samples:
+        h.update(f"{name}:{tuple(shape)}".encode())
+        h.update(sample.detach().float().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

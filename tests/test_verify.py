@@ -139,6 +139,16 @@ def test_compare_flags_token_and_logprob_mismatches():
     bad = compare(ref, [([1, 2, 3], [-0.1, -0.25, -0.3])], 1e-3)
     assert bad["tokens_match"] and not bad["ok"] and bad["max_logprob_gap"] == pytest.approx(0.05)
 
+    # a divergence at a near tie of the reference passes; at a clear choice, or to a token outside the
+    # reference's best, it does not; and the tokens after the divergence are not compared
+    tops = [{1: -0.1, 7: -3.0}, {2: -0.2, 4: -0.2005, 9: -2.0}, {3: -0.3, 8: -0.9}]
+    ref = [([1, 2, 3], [-0.1, -0.2, -0.3], tops)]
+    tie = compare(ref, [([1, 4, 6], [-0.1, -0.2, -5.0])], 1e-3)
+    assert tie["ok"] and not tie["tokens_match"] and tie["near_ties"] == 1 and tie["max_logprob_gap"] == 0.0
+    assert not compare(ref, [([1, 9, 3], [-0.1, -0.2, -0.3])], 1e-3)["ok"]  # 1.8 below the best
+    assert not compare(ref, [([1, 5, 3], [-0.1, -0.2, -0.3])], 1e-3)["ok"]  # not among the best
+    assert not compare(ref, [([1, 4, 6], [-0.15, -0.2, -5.0])], 1e-3)["ok"]  # (the prefix still counts)
+
 
 @pytest.mark.parametrize("args, needles", [
     (["--max-new-tokens", "0"], ["--max-new-tokens must be at least 1"]),
