@@ -107,10 +107,12 @@ class AdapterSet(nn.Module):
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def create(cls, model: nn.Module, method: str, opts, targets: list[str], target_spec: str = "",
-               covariances: dict[str, Tensor] | None = None, base_model: str = "",
+               statistics: dict[str, Tensor] | None = None, base_model: str = "",
                progress: bool = True) -> "AdapterSet":
+        """A fresh adapter on ``targets`` of ``model``; ``statistics``: each module's calibration
+        statistic, the one the method declares (``Adapter.statistic``, :func:`svd_serve.calib.calibrate`)."""
         method_cls = get_method(method)
-        if method_cls.needs_calibration and not covariances:
+        if method_cls.needs_calibration and not statistics:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
         shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(
@@ -122,8 +124,8 @@ class AdapterSet(nn.Module):
                      leave=False)
         for name in names:
             weight = model.get_submodule(name).weight.detach().float()
-            cov = covariances.get(name) if covariances else None
-            self.layers[_key(name)].init(weight, cov)
+            stat = statistics.get(name) if statistics else None
+            self.layers[_key(name)].init(weight, stat)
         return self
 
     @classmethod

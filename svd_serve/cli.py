@@ -54,7 +54,8 @@ def methods_cmd(name):
 @cli.command(context_settings={"show_default": True})
 @click.option("--config", "config_file", type=click.Path(), help="run.yaml or JSON with any of these options; flags override it.")
 @click.option("--base", type=click.Path(), help="Hugging Face model directory.  [required]")
-@click.option("--data", type=click.Path(), help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required]')
+@click.option("--data", type=click.Path(),
+              help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required, or --forget-data]')
 @click.option("--out", type=click.Path(), help="Output directory: the adapter, metrics.jsonl, loss.png, checkpoints/.  [required]")
 @click.option("--method", default=TRAIN["method"], type=click.Choice(list(METHODS)),
               help="Adapter method (see `svd-serve methods`).")
@@ -67,7 +68,20 @@ def methods_cmd(name):
                    "each method's options; an option the method does not have is refused.")
 @click.option("--reg", multiple=True, metavar="KEY=VALUE",
               help="A regularizer weight, e.g. --reg beta=1e-3: the same as -o, for regularizer weights only.")
-@click.option("--calib-data", type=click.Path(), help="JSONL for the input covariances of CorDA and KORE.")
+@click.option("--calib-data", type=click.Path(),
+              help="JSONL for the calibration statistic of CorDA and KORE (input covariances) and LoKU (Fisher "
+                   "information; in an unlearning run the default is --forget-data).")
+@click.option("--forget-data", type=click.Path(),
+              help="Unlearn instead of learning (instead of --data): JSONL whose target tokens the adapter pushes "
+                   "down with the inverted hinge loss (LoKU). Each step takes one batch of it and one of "
+                   "--retain-data.")
+@click.option("--retain-data", type=click.Path(),
+              help="With --forget-data: JSONL kept with the usual cross-entropy (and the reference of LoKU's "
+                   "relative Fisher information).")
+@click.option("--forget-weight", default=TRAIN["forget_weight"], type=float,
+              help="Weight of the forget loss (mean inverted hinge per target token).")
+@click.option("--retain-weight", default=TRAIN["retain_weight"], type=float,
+              help="Weight of the retain loss (mean cross-entropy per target token).")
 @click.option("--max-length", default=TRAIN["max_length"], type=int, help="Longer rows are truncated (and counted).")
 @click.option("--pack", is_flag=True, help="Concatenate short rows into rows of up to --max-length tokens.")
 @click.option("--eval-data", type=click.Path(), help="JSONL evaluated at checkpoints and at the end.")

@@ -73,18 +73,18 @@ def perturb(adapters: AdapterSet, seed: int = 0, scale: float = 0.05) -> None:
 def make_adapter(base, out, method: str = "lora", rank: int = 4, targets: str = "q_proj,v_proj",
                  seed: int = 0, scale: float = 0.05) -> Path:
     """An adapter as if trained (:func:`perturb`), saved at ``out`` (returned). Methods that need
-    calibration get covariances over a few fixed sentences."""
+    calibration get their statistic over a few fixed sentences."""
     from transformers import AutoTokenizer
 
-    from svd_serve.calib import input_covariances
+    from svd_serve.calib import calibrate
 
     model = load_base(base)
     names = resolve_targets(model, targets)
-    covs = None
+    stats = None
     if METHODS[method].needs_calibration:
         rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
-        covs = input_covariances(model, names, rows, AutoTokenizer.from_pretrained(base))
-    adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, covs,
+        stats = calibrate(METHODS[method].statistic, model, names, rows, AutoTokenizer.from_pretrained(base))
+    adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, stats,
                                  progress=False)
     perturb(adapters, seed, scale)
     return adapters.save(out)
@@ -105,6 +105,7 @@ class Env:
     model: torch.nn.Module
     targets: list[str]
     covs: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor]
     ids: torch.Tensor
     base_logits: torch.Tensor
 
@@ -122,8 +123,8 @@ def create(e: Env, method: str, rank: int = 4, **options) -> tuple[torch.nn.Modu
     """A fresh copy of the base with ``method`` attached over all-linear targets (``rank`` where the
     method has one)."""
     model = copy.deepcopy(e.model)
-    covs = e.covs if METHODS[method].needs_calibration else None
+    stats = {"covariance": e.covs, "fisher": e.fisher}[METHODS[method].statistic] if METHODS[method].needs_calibration else None
     opts = make_options(method, **{**vars(sweep_options(method, rank=rank)), **options})
-    adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", covs, base_model=str(e.path),
+    adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", stats, base_model=str(e.path),
                                  progress=False)
     return adapters.attach(model), adapters

@@ -116,10 +116,14 @@ def test_max_rank_reports_its_error(method, env, tmp_path):
     assert max(errors.values()) > 1e-3  # rank k really truncates here
 
 
-def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
     """What the method's paper takes out of (or keeps of) ``W`` at init, densely in float64."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = RANK
+    if method == "loku":  # FILA: the best rank-r approximation in the Fisher-weighted norm
+        d = (fisher + 0.01 * fisher.mean()).sqrt()
+        u, s, vh = torch.linalg.svd(d[:, None] * w, full_matrices=False)
+        return ((u[:, :r] * s[:r]) @ vh[:r]) / d[:, None]
     if method in ("pissa", "sorsa", "svfit"):
         return (u[:, :r] * s[:r]) @ vh[:r]
     if method in ("milora", "soma"):
@@ -132,7 +136,7 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Ten
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"])
+@pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore", "loku"])
 def test_initial_component_is_the_documented_one(method, env):
     e = env("phi3")
     _, adapters = create(e, method, RANK)
@@ -145,5 +149,5 @@ def test_initial_component_is_the_documented_one(method, env):
         else:
             a, b = layer.frozen_factors()
             piece = -(b.double() @ a.double())
-        expected = expected_piece(method, w, e.covs[name].double())
+        expected = expected_piece(method, w, e.covs[name].double(), e.fisher[name])
         assert (piece - expected).abs().max() <= 1e-5 * float(torch.linalg.matrix_norm(w, 2)), name

@@ -8,6 +8,7 @@ from .corda import CorDAIPA, CorDAKPA
 from .delta import Delta
 from .kasa import KaSA
 from .kore import KORE
+from .loku import LoKU
 from .lora import LoRA
 from .milora import MiLoRA
 from .olora import OLoRA
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Adapter]] = {
     "salt": SALT,
     "soma": SoMA,
     "kore": KORE,
+    "loku": LoKU,
     "delta": Delta,
 }
 DEFAULT_METHOD = "kasa"
