@@ -2,12 +2,18 @@
 
     python bench/init_export.py                 # llama 1024/2816 x 4 layers; 7B-shaped export layers
     python bench/init_export.py --quick         # smaller model and export layers
-    python bench/init_export.py --only init     # one part; --repeats N keeps the best of N timings,
+    python bench/init_export.py --only init --base "$(python scripts/smollm2.py)"   # a real checkpoint
+    python bench/init_export.py --only init --methods pissa,olora --repeats 3
+                                                # --repeats N keeps the best of N timings,
                                                 # --threads N sets torch's CPU threads
 
-Init: KaSA and PiSSA on every Linear of a locally built llama (``all-linear``), svd-serve
-(``AdapterSet.create``) against PEFT (``get_peft_model``). Each piece an init takes out of the base
-(KaSA's r minor components, PiSSA's r principal ones) is compared with an exact float64 SVD of
+Init: KaSA, PiSSA, OLoRA and CorDA (IPA) on every Linear but the head (``all-linear``) of a locally
+built llama or of ``--base``, svd-serve (``AdapterSet.create``) against PEFT (``get_peft_model``; for
+CorDA ``preprocess_corda`` from a covariance file, then ``get_peft_model``). Both sides get the same
+scale (alpha = 2r) and, for CorDA, the same input covariances (svd-serve's, from calibration rows,
+saved for PEFT; the calibration itself is not timed). Each piece an init takes out of the base (KaSA's
+r minor components, PiSSA's r principal ones, OLoRA's s·Q[:, :r] R[:r], CorDA's first r triplets of
+W C mapped back through C⁻¹) is compared with the same piece from an exact float64 decomposition of
 the same weight: the table shows the largest absolute difference over all layers.
 
 Export: ΔW = B @ A of trained-like KaSA and PiSSA adapters (rank 2r) on 7B-shaped layers, written
@@ -23,18 +29,22 @@ import os
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from benchlib import BASE_HELP, base_model, chat_rows, load_line  # noqa: E402
 
 from svd_serve.adapter import AdapterSet, make_options  # noqa: E402
 from svd_serve.linalg import compress  # noqa: E402
 from svd_serve.methods import get_method  # noqa: E402
+from svd_serve.methods.corda import damped_inverse  # noqa: E402
 from svd_serve.model import load_base, resolve_targets  # noqa: E402
-from svd_serve.tiny import build_tiny_model  # noqa: E402
 
 RTOL = 1e-6  # rank threshold of both export routes (compress's default)
+INIT_METHODS = ("kasa", "pissa", "olora", "corda")
+GOAL_INIT, GOAL_EXPORT = 3.0, 20.0
 
 
 def best_time(fn, repeats: int, setup=None):
@@ -49,102 +59,130 @@ def best_time(fn, repeats: int, setup=None):
 
 
 # --- init ----------------------------------------------------------------------------------------
-def reference(weights: dict[str, torch.Tensor], r: int) -> dict[str, dict[str, tuple]]:
-    """Per weight, its r principal and r minor SVD components as float64 factors (exact SVD)."""
-    out = {}
-    for name, w in weights.items():
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        out[name] = {"principal": (u[:, :r] * s[:r], vh[:r]), "minor": (u[:, -r:] * s[-r:], vh[-r:])}
-    return out
+def reference(kind: str, w: torch.Tensor, r: int, scale: float, cov: torch.Tensor | None) -> torch.Tensor:
+    """The piece an init of ``kind`` takes out of ``w``, densely from an exact float64 decomposition."""
+    w = w.double()
+    if kind == "olora":
+        q, rr = torch.linalg.qr(w)
+        return scale * q[:, :r] @ rr[:r]
+    if kind == "corda":
+        fixed, inv = (t.double() for t in damped_inverse(cov, 0.01))
+        u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+        return (u[:, :r] * s[:r]) @ vh[:r] @ inv
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    picked = slice(0, r) if kind == "principal" else slice(-r, None)
+    return (u[:, picked] * s[picked]) @ vh[picked]
 
 
-def max_err(pieces: dict[str, torch.Tensor], ref: dict, kind: str) -> float:
-    """Largest |piece − reference piece| over all layers (both dense, float64)."""
-    err = 0.0
-    for name, piece in pieces.items():
-        us, vh = ref[name][kind]
-        err = max(err, float((piece.double() - us @ vh).abs().max()))
-    return err
+def max_err(pieces, refs: dict[str, torch.Tensor]) -> float:
+    """Largest |piece − reference piece| over all layers (``pieces``: ``(name, dense piece)`` pairs)."""
+    return max(float((piece.double() - refs[name]).abs().max()) for name, piece in pieces)
 
 
-def svd_serve_init(method: str, r: int, targets: list[str], **options):
+def svd_serve_init(method: str, r: int, targets: list[str], covs=None, **options):
     def run(model):
         opts = make_options(method, rank=r, **options)
-        return AdapterSet.create(model, method, opts, targets, target_spec="all-linear", progress=False)
+        return AdapterSet.create(model, method, opts, targets, target_spec="all-linear", covariances=covs,
+                                 progress=False)
     return run
 
 
-def svd_serve_pieces(adapters: AdapterSet) -> dict[str, torch.Tensor]:
-    """What the init took out of the base: KaSA's dropped part, PiSSA's s·B0 A0."""
-    out = {}
+def svd_serve_pieces(adapters: AdapterSet, originals=None):
+    """What the init took out of the base: KaSA's dropped part, the residual methods' s·B0 A0."""
     for name, layer in adapters.items():
         if adapters.config.method == "kasa":
-            out[name] = layer.dropped_us.double() @ layer.dropped_vh.double()
+            yield name, layer.dropped_us.double() @ layer.dropped_vh.double()
         else:
-            out[name] = layer.scale * layer.B0.double() @ layer.A0.double()
-    return out
+            yield name, layer.scale * layer.B0.double() @ layer.A0.double()
 
 
-def peft_init(r: int, **config):
+def peft_init(r: int, targets: list[str], corda_covs: Path | None = None, **config):
     def run(model):
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        if corda_covs is not None:
+            config.update(init_lora_weights="corda",
+                          corda_config=CordaConfig(covariance_file=str(corda_covs), corda_method="ipm"))
+        lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return get_peft_model(model, LoraConfig(r=r, target_modules="all-linear", **config))
+            if corda_covs is not None:
+                preprocess_corda(model, lora)
+            return get_peft_model(model, lora)
     return run
 
 
-def peft_pieces(peft_model, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def peft_pieces(peft_model, originals: dict[str, torch.Tensor]):
     """PEFT rewrites the base weight in place: what it took out is ``W_original − W_new``."""
     inner = peft_model.base_model.model
-    return {name: w.double() - inner.get_submodule(name).get_base_layer().weight.detach().double()
-            for name, w in originals.items()}
+    for name, w in originals.items():
+        yield name, w.double() - inner.get_submodule(name).get_base_layer().weight.detach().double()
 
 
-def bench_init(args) -> dict:
+def bench_init(args, tmp: Path) -> dict:
     from peft import KasaConfig
+    from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_model(tmp + "/model", "llama", hidden_size=args.hidden,
-                                intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                num_attention_heads=args.heads, num_key_value_heads=args.heads)
-        base = load_base(path)
+    from svd_serve.calib import input_covariances
+    from svd_serve.tiny import CORPUS
+
+    path, what = base_model(args.base, tmp, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                            num_key_value_heads=args.heads)
+    base = load_base(path)
     targets = resolve_targets(base, "all-linear")
     originals = {n: base.get_submodule(n).weight.detach().clone() for n in targets}
     shapes = sorted({tuple(w.shape) for w in originals.values()})
-    print(f"\n== init: llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers; "
-          f"{len(targets)} targets (all-linear, shapes {', '.join(f'{m}x{n}' for m, n in shapes)}), "
-          f"r = {args.rank} ==", flush=True)
-    t0 = time.perf_counter()
-    ref = reference(originals, args.rank)
-    print(f"(float64 reference SVDs: {time.perf_counter() - t0:.1f} s)", flush=True)
+    methods = args.methods.split(",")
+    print(f"\n== init: {what}; {len(targets)} targets (all-linear, shapes "
+          f"{', '.join(f'{m}x{n}' for m, n in shapes)}), r = {args.rank} ==", flush=True)
+    covs, cov_file = None, None
+    if "corda" in methods:  # one calibration for both sides, not timed
+        rows = chat_rows(32) if args.base else [{"text": t} for t in CORPUS]
+        covs = input_covariances(base, targets, rows, AutoTokenizer.from_pretrained(path))
+        cov_file = tmp / "covariances.pt"
+        torch.save({n: c.float() for n, c in covs.items()}, cov_file)
 
     r, fresh = args.rank, (lambda: copy.deepcopy(base))
-    rows = [  # label, kind, run, pieces
-        ("kasa   svd-serve (minor_svd: f64 eigh of Gram)", "minor", svd_serve_init("kasa", r, targets), svd_serve_pieces),
-        ("kasa   PEFT KaSA (f32 full SVD)", "minor", peft_init(r, kasa_config=KasaConfig()), None),
-        ("pissa  svd-serve niter=None (f32 full SVD)", "principal", svd_serve_init("pissa", r, targets), svd_serve_pieces),
-        ("pissa  PEFT init_lora_weights='pissa'", "principal", peft_init(r, init_lora_weights="pissa"), None),
-        ("pissa  svd-serve niter=4 (q = 2r)", "principal", svd_serve_init("pissa", r, targets, niter=4), svd_serve_pieces),
-        ("pissa  PEFT 'pissa_niter_4' (q = r)", "principal", peft_init(r, init_lora_weights="pissa_niter_4"), None),
-    ]
-    results = []
-    for label, kind, run, pieces in rows:
-        torch.manual_seed(0)
-        seconds, out = best_time(run, args.repeats, setup=fresh)
-        got = pieces(out) if pieces else peft_pieces(out, originals)
-        results.append((label, seconds, max_err(got, ref, kind)))
-        del out, got
-        print(f"  {label:<48} {seconds:8.2f} s", flush=True)
+    scale = 2.0  # alpha = 2r on both sides
+    rows = {  # method: [(label, kind, run, pieces)], svd-serve first, then PEFT
+        "kasa": [("kasa   svd-serve (f64 Gram, r minor eigenpairs)", "minor", svd_serve_init("kasa", r, targets), svd_serve_pieces),
+                 ("kasa   PEFT KaSA (f32 full SVD)", "minor", peft_init(r, targets, kasa_config=KasaConfig()), None)],
+        "pissa": [("pissa  svd-serve (f64 Gram, r top eigenpairs)", "principal", svd_serve_init("pissa", r, targets), svd_serve_pieces),
+                  ("pissa  PEFT init_lora_weights='pissa'", "principal", peft_init(r, targets, init_lora_weights="pissa"), None),
+                  ("pissa  svd-serve niter=4 (q = 2r)", "principal", svd_serve_init("pissa", r, targets, niter=4), svd_serve_pieces),
+                  ("pissa  PEFT 'pissa_niter_4' (q = r)", "principal", peft_init(r, targets, init_lora_weights="pissa_niter_4"), None)],
+        "olora": [("olora  svd-serve (f64 QR of W[:, :r])", "olora", svd_serve_init("olora", r, targets), svd_serve_pieces),
+                  ("olora  PEFT init_lora_weights='olora'", "olora", peft_init(r, targets, init_lora_weights="olora"), None)],
+        "corda": [("corda  svd-serve IPA (f64 Gram of W C)", "corda", svd_serve_init("corda-ipa", r, targets, covs), svd_serve_pieces),
+                  ("corda  PEFT CorDA 'ipm' (f32 full SVD)", "corda", peft_init(r, targets, corda_covs=cov_file), None)],
+    }
+    results = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        kind = rows[method][0][1]
+        refs = {n: reference(kind, w, r, scale, covs[n] if covs else None) for n, w in originals.items()}
+        print(f"  ({method}: float64 reference decompositions {time.perf_counter() - t0:.1f} s)", flush=True)
+        results[method] = []
+        for label, kind, run, pieces in rows[method]:
+            torch.manual_seed(0)
+            seconds, out = best_time(run, args.repeats, setup=fresh)
+            results[method].append((label, seconds, max_err((pieces or peft_pieces)(out, originals), refs)))
+            del out
+            print(f"  {label:<48} {seconds:8.2f} s", flush=True)
+        del refs
 
-    print(f"\n{'method implementation':<48} {'time s':>8} {'speedup':>8}  {'max |err| vs f64 SVD':>20}")
-    for ours, peft in zip(results[::2], results[1::2]):  # each svd-serve row, then its PEFT row
-        print(f"{ours[0]:<48} {ours[1]:8.2f} {peft[1] / ours[1]:7.2f}x  {ours[2]:20.2e}")
-        print(f"{peft[0]:<48} {peft[1]:8.2f} {'(ref)':>8}  {peft[2]:20.2e}")
+    print(f"\n{'method implementation':<48} {'time s':>8} {'speedup':>8}  {'max |err| vs f64':>17}")
+    for method, res in results.items():
+        for ours, peft in zip(res[::2], res[1::2]):  # each svd-serve row, then its PEFT row
+            print(f"{ours[0]:<48} {ours[1]:8.2f} {peft[1] / ours[1]:7.2f}x  {ours[2]:17.2e}")
+            print(f"{peft[0]:<48} {peft[1]:8.2f} {'(ref)':>8}  {peft[2]:17.2e}")
     print("speedup = PEFT time / svd-serve time on the row below; error: max over all layers of "
-          "|piece taken out of W - the same piece from a float64 SVD|, max |W| = "
+          "|piece taken out of W - the same piece from a float64 decomposition|, max |W| = "
           f"{max(float(w.abs().max()) for w in originals.values()):.3f}")
-    return {"kasa": results[:2], "pissa": results[2:]}
+    return results
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -214,8 +252,10 @@ def bench_export(args) -> list:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller model (512/1408 x 2) and export layers")
+    p.add_argument("--base", help=BASE_HELP)
+    p.add_argument("--quick", action="store_true", help="smaller toy model (512/1408 x 2) and export layers")
     p.add_argument("--only", choices=["init", "export"], help="run one part")
+    p.add_argument("--methods", default=",".join(INIT_METHODS), help="init methods to compare")
     p.add_argument("--repeats", type=int, default=1, help="keep the best of N timings (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--rank", type=int, default=16)
@@ -231,24 +271,24 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.1f} at start "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_line()} at start "
           "(timings on a shared CPU: compare ratios, not absolute times)")
-    init = bench_init(args) if args.only != "export" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        init = bench_init(args, Path(tmp)) if args.only != "export" else None
     export = bench_export(args) if args.only != "init" else None
 
-    print(f"\n== goals (load average {os.getloadavg()[0]:.1f} at end) ==")
-    if init:
-        (_, t_ours, e_ours), (_, t_peft, e_peft) = init["kasa"]
-        met = t_peft / t_ours >= 3 and e_ours <= e_peft
-        print(f"KaSA init >= 3x faster than PEFT at matching accuracy: {t_peft / t_ours:.2f}x, "
+    print(f"\n== goals ({load_line()} at end) ==")
+    for method, res in (init or {}).items():
+        (_, t_ours, e_ours), (_, t_peft, e_peft) = res[:2]  # the exact rows
+        met = t_peft / t_ours >= GOAL_INIT and e_ours <= e_peft
+        print(f"{method} exact init >= {GOAL_INIT:g}x faster than PEFT at matching accuracy: {t_peft / t_ours:.2f}x, "
               f"max err {e_ours:.2e} (svd-serve) vs {e_peft:.2e} (PEFT) -> {'met' if met else 'NOT met'}")
     if export:
         speed = min(td / tf for _, _, tf, td, *_ in export)
         exact = all(rc == 2 * args.rank for _, _, _, _, rc, *_ in export)
         worst = max(ec for *_, ec, _ in export)
-        met = speed >= 20 and exact
-        print(f"export >= 20x faster than the dense route and exact: min speedup {speed:.0f}x, "
+        met = speed >= GOAL_EXPORT and exact
+        print(f"export >= {GOAL_EXPORT:g}x faster than the dense route and exact: min speedup {speed:.0f}x, "
               f"ranks {'all' if exact else 'NOT all'} {2 * args.rank}, worst rel err {worst:.2e} "
               f"-> {'met' if met else 'NOT met'}")
 

@@ -1,9 +1,12 @@
 """Prefill and per-token decode latency: ONNX Runtime base vs ORT with an active adapter vs torch eager.
 
     python bench/onnx_latency.py [--hidden 256 --layers 4 --rank 8 --prompt 32 --steps 32 --threads 2]
+    python bench/onnx_latency.py --base "$(python scripts/smollm2.py)" [--adapter DIR] --repeat 8
 
-Builds a tiny Llama and an all-linear LoRA-method adapter, exports them with ``--target onnx``
-(float32, CPU), and times each path in one process. Reports medians in milliseconds.
+Toy (default): a tiny random Llama and an all-linear LoRA adapter with perturbed tensors. With
+``--base``: that model and a real adapter (``--adapter``, or LoRA on every linear layer trained for a
+few steps on short chat rows by ``svd-serve train``). Both are exported with ``--target onnx``
+(float32, CPU) and each path is timed in one process. Reports medians in milliseconds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchlib import BASE_HELP, describe, load_line, trained_adapter  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -107,6 +111,8 @@ def main():
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base", help=BASE_HELP)
+    p.add_argument("--adapter", help="with --base: an svd-serve adapter of it (default: LoRA trained for a few steps)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -117,25 +123,33 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = build_tiny_model(tmp / "base", "llama", hidden_size=args.hidden,
-                                intermediate_size=2 * args.hidden, num_hidden_layers=args.layers)
-        model = load_base(base)
-        adapters = AdapterSet.create(model, "lora", make_options("lora", rank=args.rank),
-                                     resolve_targets(model, "all-linear"), progress=False)
-        with torch.no_grad():
-            for q in adapters.parameters():
-                q.add_(0.05 * torch.randn_like(q))
-        adapters.save(tmp / "adapter")
-        export("onnx", base, [tmp / "adapter"], tmp / "onnx", dtype="float32", verify=False)
+        if args.base:
+            base, what = Path(args.base), describe(Path(args.base))
+            adapter = Path(args.adapter) if args.adapter else trained_adapter(base, tmp / "adapter", rank=args.rank)
+            model = load_base(base)
+            adapters = AdapterSet.load(adapter, model)
+        else:
+            base = build_tiny_model(tmp / "base", "llama", hidden_size=args.hidden,
+                                    intermediate_size=2 * args.hidden, num_hidden_layers=args.layers)
+            what = f"toy {describe(base)} (random weights)"
+            model = load_base(base)
+            adapters = AdapterSet.create(model, "lora", make_options("lora", rank=args.rank),
+                                         resolve_targets(model, "all-linear"), progress=False)
+            with torch.no_grad():
+                for q in adapters.parameters():
+                    q.add_(0.05 * torch.randn_like(q))
+            adapter = adapters.save(tmp / "adapter")
+        export("onnx", base, [adapter], tmp / "onnx", dtype="float32", verify=False)
 
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, args.prompt))
-        rows, provider = ort_paths(tmp / "onnx", ids, args.steps, args.repeat, args.threads, "adapter")
+        rows, provider = ort_paths(tmp / "onnx", ids, args.steps, args.repeat, args.threads, adapter.name)
         rows["torch eager base"] = torch_paths(model, ids, args.steps, max(1, args.repeat // 4))
         adapters.attach(model)
         rows["torch eager + adapter"] = torch_paths(model, ids, args.steps, max(1, args.repeat // 4))
 
-    print(f"tiny llama: hidden {args.hidden}, {args.layers} layers, LoRA r={args.rank} on all linears; "
-          f"prompt {args.prompt}, {args.steps} decode steps, {args.threads} threads, ORT on {provider}")
+    print(f"{what}; adapter {adapters.config.method} r={adapters.config.options.get('rank')} on "
+          f"{len(adapters.config.targets)} linears; prompt {args.prompt}, {args.steps} decode steps, "
+          f"{args.threads} threads, ORT on {provider}; {load_line()}")
     print(f"{'path':24s} {'prefill ms':>11s} {'decode ms/token':>16s}")
     for name, (pre, dec) in rows.items():
         print(f"{name:24s} {pre:11.3f} {dec:16.3f}")

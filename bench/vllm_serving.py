@@ -2,10 +2,13 @@
 and 4 exported adapters mixed in one batch, as ratios to the base (float32, CPU or GPU).
 
     python bench/vllm_serving.py [--hidden 256 --layers 4 --rank 8 --requests 16 --tokens 64]
+    python bench/vllm_serving.py --base "$(python scripts/smollm2.py)" [--adapter DIR] --requests 8 --tokens 32
 
-Builds a small random Llama, four perturbed KaSA adapters on every linear layer and one plain LoRA of
-the KaSA adapters' exported rank (2r), exports them with ``svd-serve export --target vllm`` and folds
-the first KaSA adapter; everything lives in a temporary folder.
+Toy (default): a small random Llama, four perturbed KaSA adapters on every linear layer and one plain
+LoRA of the KaSA adapters' exported rank (2r), exported with ``svd-serve export --target vllm``, the
+first KaSA adapter also folded. With ``--base``: that model and a real adapter (``--adapter``, or KaSA
+trained for a few steps on short chat rows by ``svd-serve train``), exported and folded, against the
+base; no mixing rows (one adapter). Everything lives in a temporary folder.
 """
 
 from __future__ import annotations
@@ -17,6 +20,21 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import BASE_HELP, describe, load_line
+
+
+def real_models(tmp: Path, base: Path, adapter: Path | None, rank: int) -> tuple[Path, Path, dict]:
+    """``--base``: the model, its adapter (given or briefly trained) exported for vLLM, and folded."""
+    from benchlib import trained_adapter
+
+    from svd_serve.export import export
+    from svd_serve.fold import fold
+
+    adapter = adapter or trained_adapter(base, tmp / "adapters" / "kasa0", method="kasa", rank=rank)
+    export("vllm", base, [adapter], tmp / "exp", verify=False)
+    folded = fold(base, adapter, tmp / "folded")
+    return base, folded, json.loads((tmp / "exp" / "serve.json").read_text())
 
 
 def make_models(tmp: Path, hidden: int, layers: int, rank: int, n_adapters: int) -> tuple[Path, Path, dict]:
@@ -71,6 +89,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--base", help=BASE_HELP)
+    ap.add_argument("--adapter", help="with --base: an svd-serve adapter of it (default: KaSA trained for a few steps)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,9 +99,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        base, folded, serve = make_models(tmp, args.hidden, args.layers, args.rank, 4)
-        lora = serve["adapters"].pop("lora")
-        prompts = [[(7 * i + j) % 300 + 6 for j in range(args.prompt_len)] for i in range(args.requests)]
+        if args.base:
+            base, folded, serve = real_models(tmp, Path(args.base), Path(args.adapter) if args.adapter else None,
+                                              args.rank)
+            lora, what = None, describe(base)
+        else:
+            base, folded, serve = make_models(tmp, args.hidden, args.layers, args.rank, 4)
+            lora = serve["adapters"].pop("lora")
+            what = f"toy {describe(base)} (random weights)"
+        vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+        prompts = [[(7 * i + j) % min(300, vocab - 6) + 6 for j in range(args.prompt_len)] for i in range(args.requests)]
         common = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20,
                       max_model_len=args.prompt_len + args.tokens, seed=0)
         none = [None] * args.requests
@@ -95,18 +122,20 @@ def main() -> None:
                   max_loras=serve["max_loras"], **common)
         reqs = [LoRARequest(n, i + 1, a["path"]) for i, (n, a) in enumerate(serve["adapters"].items())]
         results["base, LoRA enabled"] = throughput(llm, prompts, none, args.tokens)
-        plain = LoRARequest("lora", len(reqs) + 1, lora["path"])
-        results[f"1 plain LoRA r={lora['rank']}"] = throughput(llm, prompts, [plain] * args.requests, args.tokens)
-        results[f"1 KaSA, exported r={serve['adapters']['kasa0']['rank']}"] = throughput(
-            llm, prompts, [reqs[0]] * args.requests, args.tokens)
-        for k in (1, 2, 4):
+        if lora:
+            plain = LoRARequest("lora", len(reqs) + 1, lora["path"])
+            results[f"1 plain LoRA r={lora['rank']}"] = throughput(llm, prompts, [plain] * args.requests, args.tokens)
+        first = next(iter(serve["adapters"].values()))
+        results[f"1 adapter, exported r={first['rank']}"] = throughput(llm, prompts, [reqs[0]] * args.requests,
+                                                                        args.tokens)
+        for k in (1, 2, 4) if len(reqs) >= 4 else ():
             loras = [reqs[i % k] for i in range(args.requests)]
             results[f"{k} adapter{'s' if k > 1 else ''} mixed"] = throughput(llm, prompts, loras, args.tokens)
         del llm
         gc.collect()
 
-    print(f"\nLlama hidden {args.hidden}, {args.layers} layers, rank {serve['max_lora_rank']} on every linear, "
-          f"{args.requests} requests x {args.tokens} tokens")
+    print(f"\n{what}; adapters of rank {serve['max_lora_rank']} on every linear; "
+          f"{args.requests} requests x {args.tokens} tokens; {load_line()}")
     for name, tps in results.items():
         print(f"{name:26s} {tps:9.1f} tok/s   {tps / results['base']:.2f} x base")
 

@@ -153,6 +153,7 @@ def run_builder(base: Path, peft_dir: Path, out: Path, scratch: Path, precision:
     writes besides ``out`` (its cache, temporary files) goes to ``scratch``; its output to the log."""
     from svd_serve.verify import engine
 
+    base, peft_dir, out, scratch = (p.resolve() for p in (base, peft_dir, out, scratch))  # it runs in scratch
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out),
            "-p", precision, "-e", provider, "-c", str(scratch), "--extra_options", f"adapter_path={peft_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch)}

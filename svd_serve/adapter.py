@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import SvdServeError
-from .io import atomic_dir
+from .io import atomic_dir, check_finite
 from .linalg import LowRank, compress
 from .methods import Adapter, Options, get_method
+from .methods.delta import Delta
 from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
 
 CONFIG_NAME = "svd_adapter.json"
@@ -87,10 +88,12 @@ def _key_value(pair: str, method: str) -> tuple[str, str]:
 class AdapterSet(nn.Module):
     """One method adapter per target module. ``attach`` wraps the modules of a model with them."""
 
-    def __init__(self, config: AdapterConfig):
+    def __init__(self, config: AdapterConfig, method: type[Adapter] | None = None):
+        """``method``: the layers' class (default: the registered method ``config.method``); a class
+        outside the registry, such as the trainable combination of a merge, is passed here."""
         super().__init__()
         self.config = config
-        cls = get_method(config.method)
+        cls = method or get_method(config.method)
         options = dict(config.options)
         for key in ("rank", "alpha"):  # files of svd-serve 0.1 held both for every method, used or not
             if key not in cls.Options.fields():
@@ -112,7 +115,7 @@ class AdapterSet(nn.Module):
         """A fresh adapter on ``targets`` of ``model``; ``statistics``: each module's calibration
         statistic, the one the method declares (``Adapter.statistic``, :func:`svd_serve.calib.calibrate`)."""
         method_cls = get_method(method)
-        if method_cls.needs_calibration and not statistics:
+        if method_cls.needs_calibration_for(opts) and not statistics:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
         shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(
@@ -137,9 +140,14 @@ class AdapterSet(nn.Module):
                 path / "adapter_config.json").is_file() else ""
             raise SvdServeError(f"{path} is not an svd-serve adapter: no {CONFIG_NAME}{hint}")
         try:
-            raw = json.loads(cfg_file.read_text())
+            raw = json.loads(cfg_file.read_bytes())
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
             config = AdapterConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
+            for key, kind in (("method", str), ("options", dict), ("targets", dict)):
+                if not isinstance(getattr(config, key), kind):
+                    raise TypeError(f"{key} is a {type(getattr(config, key)).__name__}")
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
             raise SvdServeError(f"{cfg_file} is corrupt: {e}") from None
         if config.format != FORMAT or config.format_version > FORMAT_VERSION:
             raise SvdServeError(f"{cfg_file}: unsupported format {config.format} v{config.format_version}")
@@ -148,6 +156,7 @@ class AdapterSet(nn.Module):
             tensors = load_file(path / WEIGHTS_NAME)
         except Exception as e:  # safetensors raises several types for truncated/corrupt files
             raise SvdServeError(f"cannot read {path / WEIGHTS_NAME}: {str(e).splitlines()[0]}") from None
+        check_finite(tensors.items(), f"the adapter {path} is corrupt")
         state = {_key(k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v for k, v in tensors.items()}
         try:
             self.layers.load_state_dict(state, strict=True)
@@ -157,7 +166,9 @@ class AdapterSet(nn.Module):
             self.check_base(model)
         return self
 
-    def check_base(self, model: nn.Module) -> None:
+    def check_base(self, model) -> None:
+        """Shapes and fingerprint of the targets against ``model``: a loaded base, or a
+        :class:`svd_serve.weights.Weights` (its skeleton's shapes, its files' samples)."""
         modules = dict(model.named_modules())
         for name, shape in self.config.targets.items():
             mod = modules.get(name)
@@ -166,7 +177,8 @@ class AdapterSet(nn.Module):
             if list(mod.weight.shape) != list(shape):
                 raise SvdServeError(f"adapter module {name} has shape {shape}, the base has "
                                     f"{list(mod.weight.shape)}: the adapter belongs to another base")
-        fp = fingerprint(model, list(self.config.targets))
+        names = list(self.config.targets)
+        fp = fingerprint(model, names) if isinstance(model, nn.Module) else model.fingerprint(names)
         if fp != self.config.base_fingerprint:
             raise SvdServeError(f"the adapter was initialised from a different base (fingerprint "
                                 f"{self.config.base_fingerprint} != {fp} of this base)")
@@ -191,9 +203,13 @@ class AdapterSet(nn.Module):
         return torch.stack(terms).mean() if terms else None
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Every layer's :meth:`Adapter.after_step` hook (the training loop calls it after each update)."""
-        for _, layer in self.items():
-            layer.after_step(step, total_steps)
+        """The method's :meth:`Adapter.after_step_all` hook over every layer (by default each layer's
+        :meth:`Adapter.after_step`); the training loop calls it after each update."""
+        self.method.after_step_all(dict(self.items()), step, total_steps)
+
+    def pop_stale(self) -> list[nn.Parameter]:
+        """Parameters whose optimizer state a layer's hook asked to drop (:meth:`Adapter.reset_optimizer_state`)."""
+        return [p for _, layer in self.items() for p in layer.pop_stale()]
 
     def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
         """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""
@@ -210,10 +226,32 @@ class AdapterSet(nn.Module):
     def save(self, path: str | Path, inputs=(), overwrite: bool = False) -> Path:
         tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()
                    for name, layer in self.items() for k, v in layer.state_dict().items()}
+        check_finite(tensors.items(), f"refusing to write the adapter {path}")
         with atomic_dir(path, inputs, overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         return Path(path)
+
+
+def delta_adapter(factors: dict[str, LowRank], architecture: str, base_fingerprint: str,
+                  base_model: str = "", target_spec: str = "") -> AdapterSet:
+    """A native ``delta`` adapter holding ``ΔW = B A`` per module (``factors``: module → ``(A, B)``,
+    zero-padded to one rank): what merge, import and extract write."""
+    rank = max(1, max(a.shape[0] for a, _ in factors.values()))
+    config = AdapterConfig(
+        method="delta", options=dataclasses.asdict(Delta.Options(rank=rank)),
+        targets={n: [b.shape[0], a.shape[1]] for n, (a, b) in factors.items()},
+        target_spec=target_spec or ",".join(sorted({n.rsplit(".", 1)[-1] for n in factors})),
+        architecture=architecture, base_fingerprint=base_fingerprint, base_model=str(base_model))
+    adapters = AdapterSet(config)
+    with torch.no_grad():
+        for name, layer in adapters.items():
+            a, b = factors[name]
+            layer.A.zero_()
+            layer.B.zero_()
+            layer.A[: a.shape[0]].copy_(a)
+            layer.B[:, : b.shape[1]].copy_(b)
+    return adapters
 
 
 def _key(name: str) -> str:

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -114,19 +113,6 @@ def prepare_out(out: Path, inputs: list, overwrite: bool, remove: bool) -> None:
             print(f"note: --overwrite removed the earlier run's {', '.join(p.name for p in removed)} in {out}")
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be created or written (nothing is created here)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SvdServeError(f"cannot create output directory {out}: {existing} is not a directory")
-    try:  # a real probe: os.access says yes to root everywhere, /proc and read-only mounts included
-        tempfile.TemporaryDirectory(dir=existing, prefix=".svd-serve-probe-").cleanup()
-    except OSError as e:
-        raise SvdServeError(f"output directory {existing} is not writable ({e.strerror or e})") from None
-
-
 def save_final(adapters: AdapterSet, out: Path) -> None:
     """The adapter files at ``out`` itself, beside checkpoints/ and the records (which atomic_dir(out)
     would replace): write to a temporary folder, then move the weights and, last, the config in."""
@@ -150,7 +136,8 @@ def plot(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in map(json.loads, lines) if "loss" in r]  # (not the init check's record, step 0)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     evals = [r for r in records if "eval_loss" in r]

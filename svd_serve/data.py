@@ -13,25 +13,48 @@ import torch
 from .errors import SvdServeError
 
 IGNORE = -100
+ROLES = ("system", "user", "assistant", "tool")  # the roles of a {"messages"} row
+
+
+class Row(dict):
+    """One JSONL row, which knows where it was read (``file:line``)."""
+
+    where: str = "?"
+
+
+def where(row: dict) -> str:
+    """``file:line`` of a row read by :func:`read_jsonl` (``?`` for a row made in code)."""
+    return getattr(row, "where", "?")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL data file, each checked; an error names the file and line."""
     path = Path(path)
     if not path.is_file():
         raise SvdServeError(f"data file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SvdServeError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            problem = _check_row(row)
-            if problem:
-                raise SvdServeError(f"{path}:{lineno}: {problem}")
-            rows.append(row)
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise SvdServeError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                        f"column {e.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SvdServeError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                problem = _check_row(row)
+                if problem:
+                    raise SvdServeError(f"{path}:{lineno}: {problem}")
+                row = Row(row)
+                row.where = f"{path}:{lineno}"
+                rows.append(row)
+    except OSError as e:
+        raise SvdServeError(f"cannot read {path}: {e.strerror or e}") from None
     if not rows:
         raise SvdServeError(f"{path} has no rows")
     return rows
@@ -44,6 +67,9 @@ def _check_row(row) -> str | None:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in msgs):
             return '"messages" must be a non-empty list of {"role", "content"} strings'
+        for i, m in enumerate(msgs):
+            if m["role"] not in ROLES:
+                return f'messages[{i}] has role {m["role"]!r}: a role is {", ".join(ROLES[:-1])} or {ROLES[-1]}'
         return None
     if isinstance(row, dict) and "text" in row:
         return None if isinstance(row["text"], str) else '"text" must be a string'
@@ -83,6 +109,13 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 
 def encode(row: dict, tokenizer, max_length: int) -> Example:
     """Token ids and labels (``-100`` where no loss is taken), truncated to ``max_length``."""
+    try:
+        return _encode(row, tokenizer, max_length)
+    except SvdServeError as e:
+        raise SvdServeError(f"{where(row)}: {e}" if hasattr(row, "where") else str(e)) from None
+
+
+def _encode(row: dict, tokenizer, max_length: int) -> Example:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if "messages" in row:
         ids, labels = _encode_chat(row["messages"], tokenizer)
@@ -99,8 +132,13 @@ def encode(row: dict, tokenizer, max_length: int) -> Example:
 
 
 def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                        return_dict=False)
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                            return_dict=False)
+    except TemplateError as e:  # e.g. a template that raises for roles out of order
+        raise SvdServeError(f"the chat template refuses this conversation: {e}") from None
     if isinstance(out, dict) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     return list(out)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import SvdServeError
+from .io import check_writable
 from .methods import DEFAULT_METHOD
 
 EMBEDDED = Path(__file__).parent / "data" / "tiny-knowledge"
@@ -99,6 +100,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = DEF
         raise SvdServeError("--steps must be at least 1")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").is_file())):
         raise SvdServeError(f"{out} exists and is not an earlier demo's output; choose another --out")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base, data, test, shown = task(out)

@@ -18,6 +18,29 @@ import torch.distributed as dist
 from .errors import SvdServeError
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine does not have, in one line (None: the default device)."""
+    if not device:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SvdServeError(f"--device {device!r} is not a device: cpu, cuda, cuda:N (or another accelerator "
+                            "torch knows, e.g. mps, xpu)") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    available = dev.type == "mps" and torch.backends.mps.is_available() or (
+        dev.type != "mps" and hasattr(backend, "is_available") and backend.is_available())
+    if not available:
+        build = " (this torch is a CPU-only build)" if dev.type == "cuda" and torch.version.cuda is None else ""
+        raise SvdServeError(f"--device {device}: no {dev.type} device is available on this machine{build}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise SvdServeError(f"--device {device}: this machine has {count} {dev.type} device(s), "
+                            f"{dev.type}:0 to {dev.type}:{count - 1}")
+
+
 @dataclass
 class Processes:
     rank: int
@@ -32,8 +55,11 @@ class Processes:
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank = dist.get_rank() if world > 1 else 0
+        check_device(device)
         if device:
             dev = torch.device(device)
+            if dev.type == "cuda" and dev.index is None:  # "cuda": this process's GPU
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         elif torch.cuda.is_available():
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         else:

@@ -12,23 +12,29 @@ honoured):
 - KaSA (``kasa_config``): PEFT truncated the base's r smallest singular components, so
   ``ΔW = s·B diag(d) A − U_t diag(σ_t) V_tᵀ`` with the dropped part re-derived from the original
   base (``linalg.minor_svd``).
+
+The base is read one target weight at a time, and only where a module's ΔW needs it (re-derived
+initial factors or dropped components); shapes come from the checkpoint's headers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .adapter import delta_adapter
+from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
-from .io import check_out
-from .linalg import minor_svd, top_svd
-from .merge import Factors, delta_adapter
-from .model import load_base
+from .io import check_finite, check_out
+from .linalg import LowRank, leading_qr, minor_svd, top_svd
+
 
 PREFIX = "base_model.model."
 PLAIN_INITS = (True, False, "gaussian", "eva", "mica", "orthogonal")
@@ -43,9 +49,11 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]]]:
         hint = " (it is an svd-serve adapter already)" if (path / "svd_adapter.json").is_file() else ""
         raise SvdServeError(f"{path} is not a PEFT adapter: no adapter_config.json{hint}")
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(cfg_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SvdServeError(f"{cfg_file} is corrupt: {e}") from None
+    if not isinstance(cfg, dict):
+        raise SvdServeError(f"{cfg_file} is corrupt: not a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise SvdServeError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA")
     for key, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)")):
@@ -53,22 +61,65 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]]]:
             raise SvdServeError(f"{path}: {what} adapters are not supported (ΔW would not be low-rank or Linear)")
     if cfg.get("modules_to_save"):
         raise SvdServeError(f"{path}: modules_to_save {cfg['modules_to_save']} are not supported (full weights, not ΔW)")
-    if (path / "adapter_model.safetensors").is_file():
-        raw = load_file(path / "adapter_model.safetensors")
-    elif (path / "adapter_model.bin").is_file():
-        raw = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    check_scale_config(cfg, cfg_file)
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        file = path / name
+        if file.is_file():
+            try:
+                raw = (load_file(file) if name.endswith(".safetensors")
+                       else torch.load(file, map_location="cpu", weights_only=True))
+            except Exception as e:  # several types for truncated or corrupt files
+                raise SvdServeError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt)") from None
+            break
     else:
         raise SvdServeError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
+    if not isinstance(raw, dict) or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise SvdServeError(f"{file} is not a mapping of tensor names to tensors")
+    check_finite(raw.items(), f"the PEFT adapter {file} is corrupt")
     modules: dict[str, dict[str, Tensor]] = {}
+    copies = [k for k in raw if k.endswith(".base_layer.weight")]  # PEFT's save_embedding_layers
     for key, value in raw.items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_diag)", key)
-        if match is None:
-            raise SvdServeError(f"{path}: tensor {key} is not supported (only lora_A, lora_B, lora_diag of Linear layers)")
-        modules.setdefault(match[1], {})[match[2].split(".")[0]] = value.float()
+        if match is None and key not in copies:
+            raise SvdServeError(f"{path}: {unsupported(key, cfg)}")
+        if match is not None:
+            modules.setdefault(match[1], {})[match[2].split(".")[0]] = value.float()
+    for key in copies:  # a copy beside a LoRA is refused with that module's reason, later; alone, here
+        if key.removeprefix(PREFIX).removesuffix(".base_layer.weight") not in modules:
+            raise SvdServeError(f"{path}: {unsupported(key, cfg)}")
     for name, parts in modules.items():
         if "lora_A" not in parts or "lora_B" not in parts:
             raise SvdServeError(f"{path}: module {name} lacks lora_A or lora_B")
     return cfg, modules
+
+
+def unsupported(key: str, cfg: dict) -> str:
+    """Why tensor ``key`` of a PEFT adapter cannot be imported, in words."""
+    name = key.removeprefix(PREFIX)
+    if ".lora_embedding_" in name:
+        return (f"module {name.split('.lora_embedding_')[0]} is an embedding with a LoRA: svd-serve imports LoRA "
+                "on Linear layers only (an embedding update is a lookup table, not a W + B A of a Linear)")
+    if name.endswith(".bias"):
+        return (f"the adapter trains biases (bias={cfg.get('bias')!r}; tensor {name}): a bias update is not a "
+                "low-rank weight update and no LoRA export carries it; train with bias=\"none\"")
+    if name.endswith(".base_layer.weight"):
+        return (f"the adapter carries a full copy of {name.removesuffix('.base_layer.weight')} (PEFT saves one "
+                "for embedding and output-head LoRAs): svd-serve imports LoRA on the decoder's Linear layers only")
+    return f"tensor {name} is not supported (only lora_A, lora_B, lora_diag of Linear layers)"
+
+
+def check_scale_config(cfg: dict, cfg_file: Path) -> None:
+    """``r`` and ``lora_alpha`` (and their patterns) must be there and be finite numbers: they set ΔW's scale."""
+    for key, kind, pattern in (("r", int, "rank_pattern"), ("lora_alpha", (int, float), "alpha_pattern")):
+        if key not in cfg:
+            raise SvdServeError(f"{cfg_file} has no {key!r}: the scale of ΔW (lora_alpha / r) is unknown")
+        if not isinstance(cfg.get(pattern) or {}, dict):
+            raise SvdServeError(f"{cfg_file}: {pattern} must be a mapping of module names to values")
+        values = [cfg[key], *(cfg.get(pattern) or {}).values()]
+        for v in values:
+            if not isinstance(v, kind) or isinstance(v, bool) or not math.isfinite(v) or (key == "r" and v < 1):
+                raise SvdServeError(f"{cfg_file}: {key} must be {'a positive integer' if key == 'r' else 'a finite number'}"
+                                    f", not {v!r}")
 
 
 def pattern_value(pattern: dict, name: str, default):
@@ -85,42 +136,44 @@ def scaling(cfg: dict, name: str) -> float:
     return alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
 
 
-def initial_factors(init, weight: Tensor, r: int, s: float) -> Factors:
+def initial_factors(init, weight: Tensor, r: int, s: float) -> LowRank:
     """PEFT's ``(A0, B0)`` for pissa (exact SVD) and olora, re-derived from the original weight."""
     if init == "pissa":
-        u, sig, vh = top_svd(weight, r)
-        root = (sig / s).sqrt()
-        return root[:, None] * vh, u * root
-    q, rr = torch.linalg.qr(weight.float())
-    return rr[:r], q[:, :r]
+        return LowRank.from_svd(*top_svd(weight, r), scale=s)
+    q, rr = leading_qr(weight, r)
+    return LowRank(rr, q)
 
 
-def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], weight: Tensor,
-                 initial: dict[str, Tensor] | None) -> Factors:
+def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[int, int],
+                 weight: Callable[[], Tensor], initial: dict[str, Tensor] | None) -> LowRank:
+    """Module ``name``'s exact ΔW; ``weight()`` reads its original base weight (float32) when needed."""
     a, b = parts["lora_A"], parts["lora_B"]
     r = a.shape[0]
     s = scaling(cfg, name)
-    if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(weight.shape) or b.shape[1] != r:
+    if r != pattern_value(cfg.get("rank_pattern"), name, cfg["r"]):
+        raise SvdServeError(f"module {name}: lora_A has rank {r}, adapter_config.json says r = "
+                            f"{pattern_value(cfg.get('rank_pattern'), name, cfg['r'])}: the files do not belong together")
+    if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(shape) or b.shape[1] != r:
         raise SvdServeError(f"module {name}: lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not "
-                            f"match the base weight {list(weight.shape)}: the adapter belongs to another base")
+                            f"match the base weight {list(shape)}: the adapter belongs to another base")
     if cfg.get("kasa_config") is not None:
         if "lora_diag" not in parts:
             raise SvdServeError(f"module {name}: KaSA adapter without lora_diag")
-        us, _, vh = minor_svd(weight, r)
-        return torch.cat([a, vh]), torch.cat([b * (parts["lora_diag"] * s), -us], 1)
+        us, _, vh = minor_svd(weight(), r)
+        return LowRank(torch.cat([a, vh]), torch.cat([b * (parts["lora_diag"] * s), -us], 1))
     init = cfg.get("init_lora_weights", True)
     if init in PLAIN_INITS:
-        return a, b * s
+        return LowRank(a, b * s)
     if initial is not None:
         if initial["lora_A"].shape != a.shape or initial["lora_B"].shape != b.shape:
             raise SvdServeError(f"module {name}: the --initial adapter's shapes differ from the trained one")
         a0, b0 = initial["lora_A"], initial["lora_B"]
     elif init in ("pissa", "olora"):
-        a0, b0 = initial_factors(init, weight, r, s)
+        a0, b0 = initial_factors(init, weight(), r, s)
     else:
         raise SvdServeError(f"init_lora_weights={init!r} cannot be re-derived from the base "
                             f"(randomized or data-dependent): give --initial, the adapter PEFT saved before training")
-    return torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1)
+    return LowRank(torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1))
 
 
 def import_peft(path: str | Path, base: str | Path, out: str | Path,
@@ -136,19 +189,25 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
                             + (" (LoftQ quantizes the base: ΔW against the original base is unknown)"
                                if init == "loftq" else ""))
     init_modules = read_peft(initial)[1] if initial is not None else None
-    model = load_base(base)
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return_freed_memory()
+    ckpt = Weights(base)
+    linear = {n: m for n, m in ckpt.named_modules() if isinstance(m, nn.Linear)}
+    head = ckpt.skeleton.get_output_embeddings()
     factors = {}
     for name, parts in modules.items():
         if name not in linear:
             raise SvdServeError(f"module {name} of the PEFT adapter is not a Linear layer of this base")
+        if linear[name] is head:
+            raise SvdServeError(f"module {name} of the PEFT adapter is the output head: svd-serve adapts the "
+                                "decoder's Linear layers only (vLLM serves no LoRA on the head, and a tied head "
+                                "shares its weight with the input embeddings); fold it with PEFT's merge_and_unload")
         if init_modules is not None and name not in init_modules:
             raise SvdServeError(f"module {name} is missing from the --initial adapter")
-        weight = linear[name].weight.detach().float()
-        factors[name] = module_delta(cfg, name, parts, weight,
+        factors[name] = module_delta(cfg, name, parts, ckpt.weight_info(name).shape,
+                                     lambda name=name: ckpt.weight(name).float(),
                                      init_modules[name] if init_modules is not None else None)
     order = [n for n in linear if n in factors]
-    adapters = delta_adapter(model, {n: factors[n] for n in order}, str(base))
+    adapters = delta_adapter({n: factors[n] for n in order}, ckpt.architecture, ckpt.fingerprint(order), str(base))
     adapters.save(out, inputs, overwrite)
     kind = "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
     return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out)}

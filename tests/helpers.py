@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -18,6 +19,14 @@ from svd_serve.model import load_base, resolve_targets
 
 # max |Δ logits| accepted when comparing two computations of the same model, by dtype (as vLLM's LoRA tests)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def digest(path: str | Path) -> dict[str, str]:
+    """Every file under ``path`` (or the file itself), by its path relative to ``path``, with its content
+    hash: equal digests, equal files."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -123,8 +132,8 @@ def create(e: Env, method: str, rank: int = 4, **options) -> tuple[torch.nn.Modu
     """A fresh copy of the base with ``method`` attached over all-linear targets (``rank`` where the
     method has one)."""
     model = copy.deepcopy(e.model)
-    stats = {"covariance": e.covs, "fisher": e.fisher}[METHODS[method].statistic] if METHODS[method].needs_calibration else None
     opts = make_options(method, **{**vars(sweep_options(method, rank=rank)), **options})
+    stats = {"covariance": e.covs, "fisher": e.fisher}[METHODS[method].statistic] if METHODS[method].needs_calibration_for(opts) else None
     adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", stats, base_model=str(e.path),
                                  progress=False)
     return adapters.attach(model), adapters

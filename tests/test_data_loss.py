@@ -3,19 +3,12 @@ or an earlier output without --overwrite is refused, and temporaries of killed r
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import one_error
-
-
-def digest(path: Path) -> dict[str, str]:
-    """Every file under ``path`` (or the file itself) with its content hash."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+from helpers import digest, one_error
 
 
 def writing_commands(base: Path, trained_adapter: Path, data: Path):

@@ -12,10 +12,15 @@ from svd_serve.methods import METHODS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def documented_bound(method: str, r: int, m: int, n: int) -> int:
-    """The rank bound of ΔW the README's method table gives (defaults: SALT ratio 0.1, KORE B and A)."""
-    k = min(m, n)
-    return {"lora": r, "svfit": r, "delta": r, "svf": k, "salt": max(1, int(k * 0.1)) + r}.get(method, 2 * r)
+def documented_bound(method: str, r: int, w: torch.Tensor) -> int:
+    """The rank bound of ΔW the README's method table gives for base weight ``w`` (defaults: SALT
+    ratio 0.1, KORE B and A, OSFT energy 0.9)."""
+    k = min(w.shape)
+    if method == "osft":  # k − k_high, k_high the fewest top components holding 90 % of ‖W‖²
+        power = torch.linalg.svdvals(w.double()).square()
+        return k - int(torch.searchsorted(power.cumsum(0) / power.sum(), 0.9)) - 1
+    return {"lora": r, "svfit": r, "delta": r, "diffora": r, "codyra": r, "svf": k, "sst": k,
+            "salt": max(1, int(k * 0.1)) + r}.get(method, 2 * r)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -32,12 +37,13 @@ def test_plot_every_method(method, tiny_model, tmp_path, run_cli):
     assert img.shape[0] > 400 and img.shape[1] > 800  # 4 modules x 3 panels
     assert img[..., :3].std() > 0.05  # something was drawn
     lines = out.splitlines()
+    model = folded(base)
     for name, layer in AdapterSet.load(path).items():
         row = next(l for l in lines if l.startswith(name + " "))
         a, b = layer.delta()  # the rank of the dense ΔW, counted independently of inspect's factored SVD
         sigma = torch.linalg.svdvals(b.double() @ a.double())
         rank = int((sigma > 1e-6 * sigma[0]).sum())
-        assert rank == documented_bound(method, 4, layer.m, layer.n)  # a random ΔW reaches its bound
+        assert rank == documented_bound(method, 4, model.get_submodule(name).weight)  # a random ΔW reaches its bound
         assert row.split()[2:4] == [str(rank), str(rank)], row
 
 

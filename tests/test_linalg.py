@@ -1,11 +1,15 @@
-"""``minor_svd``, ``top_svd`` and ``compress`` against dense ``torch.linalg.svd`` in float64."""
+"""``minor_svd`` (plain and activation-aware), ``top_svd``, ``leading_qr`` and ``compress`` against
+dense ``torch.linalg.svd`` / ``torch.linalg.qr`` in float64."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from svd_serve.linalg import LowRank, Weighting, compress, keep_count, minor_svd, relative_error, top_svd
+from svd_serve.linalg import (LowRank, Weighting, compress, damped, gram_components, keep_count, leading_qr,
+                               minor_svd, relative_error, top_svd)
 
 SHAPES = {"tall": (48, 20), "wide": (20, 48), "square": (32, 32)}
 
@@ -57,6 +61,35 @@ def test_exact_top_svd_matches_float64_svd(shape, r):
     sign = torch.sign((vh_r.double() * vh[:r]).sum(1))
     assert (vh_r.double() * sign[:, None] - vh[:r]).abs().max() <= 1e-5
     assert (u_r.double() * sign - u[:, :r]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_gram_components_of_an_inner_range(shape):
+    """Any contiguous range of the ascending singular triplets, not only the ends."""
+    w = randn(*shape)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    k = min(shape)
+    us_m, s_m, vh_m = gram_components(w, slice(3, 7))  # ascending positions 3..6 = descending k-7..k-4
+    picked = slice(k - 7, k - 3)
+    assert (s_m - s[picked]).abs().max() <= 1e-12 * float(s[0])
+    assert (us_m @ vh_m - (u[:, picked] * s[picked]) @ vh[picked]).abs().max() <= 1e-10 * float(s[0])
+    with pytest.raises(ValueError):
+        gram_components(w, slice(5, 5))
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("r", [1, 5])
+def test_leading_qr_is_the_full_qr_truncated(shape, r):
+    """The r leading columns of Q and rows of R of the full Householder QR (same signs), to float32
+    rounding; R's first r columns upper triangular exactly."""
+    w = randn(*shape)
+    q, rr = torch.linalg.qr(w.double())
+    q_r, r_r = leading_qr(w, r)
+    assert q_r.dtype == r_r.dtype == torch.float32
+    assert q_r.shape == (shape[0], r) and r_r.shape == (r, shape[1])
+    assert (q_r.double() - q[:, :r]).abs().max() <= 1e-6  # orthonormal columns: entries ≤ 1
+    assert (r_r.double() - rr[:r]).abs().max() <= 1e-6 * float(torch.linalg.matrix_norm(w.double(), 2))
+    assert torch.equal(r_r[:, :r], r_r[:, :r].triu())
 
 
 @pytest.mark.parametrize("shape", [(40, 16), (16, 40)], ids=["tall", "wide"])
@@ -187,3 +220,96 @@ def test_energy_keeps_the_fewest_components():
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert keep_count(s, energy=9 / 14) == 1 and keep_count(s, energy=0.7) == 2 and keep_count(s, energy=1.0) == 3
     assert keep_count(s, max_rank=2) == 2 and keep_count(s) == 3
+
+
+# --- activation-aware minor components (linalg.output_minor) -----------------------------------------
+def covariance(n: int, samples: int, seed: int = 3) -> torch.Tensor:
+    """``Xᵀ X / N`` of inputs with very unequal feature scales (as LLM activations); singular if N < n."""
+    scales = torch.logspace(1, -1, n, dtype=torch.float64)
+    x = randn(samples, n, seed=seed).double() * scales
+    return x.T @ x / samples
+
+
+def energy(d: torch.Tensor, cov: torch.Tensor) -> float:
+    """Output energy ``tr(D C Dᵀ)`` of a dropped part on inputs of covariance C."""
+    return float(torch.einsum("ij,jk,ik->", d, cov, d))
+
+
+def sqrt_psd(cov: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(cov)
+    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("samples", [400, 12], ids=["full-rank-C", "singular-C"])
+def test_activation_minor_is_the_c_weighted_eckart_young_optimum(shape, samples):
+    m, n = shape
+    k, r = min(shape), 5
+    w = randn(m, n)
+    cov = covariance(n, samples)
+    us, s, vh = minor_svd(w, r, cov)
+    assert us.shape == (m, r) and s.shape == (r,) and vh.shape == (r, n) and us.dtype == torch.float32
+    assert torch.all(s[:-1] >= s[1:])
+    d = us.double() @ vh.double()
+    w64 = w.double()
+    # the dropped part is a projection of W: W − D keeps rank k − r, D has rank r
+    sv_kept = torch.linalg.svdvals(w64 - d)
+    assert sv_kept[k - r:].max() <= 1e-5 * float(sv_kept[0])
+    assert torch.allclose(torch.linalg.svdvals(d)[:r], s.double(), rtol=1e-5)
+    # its output energy is the Eckart–Young bound in the C-weighted norm (a symmetric C^1/2, full SVD):
+    # no kept matrix of rank k − r loses less
+    tail = float(torch.linalg.svdvals(w64 @ sqrt_psd(cov))[k - r:].square().sum())
+    total = energy(w64, cov)
+    assert abs(energy(d, cov) - tail) <= 1e-6 * total
+    # and less than the plain minor components lose (by a wide margin on these unequal input scales)
+    plain = minor_svd(w, r)
+    assert energy(d, cov) < 0.5 * energy(plain[0].double() @ plain[2].double(), cov)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_activation_minor_with_identity_covariance_is_the_plain_minor_part(shape):
+    w = randn(*shape)
+    d_plain = (lambda us, s, vh: us.double() @ vh.double())(*minor_svd(w, 5))
+    d_cov = (lambda us, s, vh: us.double() @ vh.double())(*minor_svd(w, 5, torch.eye(shape[1], dtype=torch.float64)))
+    assert (d_cov - d_plain).abs().max() <= 1e-5 * float(torch.linalg.svdvals(w.double())[0])
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3)], ids=["wide", "tall"])
+def test_activation_minor_equals_the_brute_force_optimum(shape):
+    """r = 1 on a tiny problem: the ways to drop one direction ``u uᵀ W`` (u a unit vector in W's column
+    space, so that the kept part loses a rank), searched exhaustively at random and then twice more
+    densely around the best one found; none loses less output energy, and the search reaches ours."""
+    m, n = shape
+    w = randn(m, n, seed=5)
+    cov = covariance(n, 50, seed=6)
+    us, _, vh = minor_svd(w, 1, cov)
+    best = energy(us.double() @ vh.double(), cov)
+    basis = torch.linalg.qr(w.double())[0] if m > n else torch.eye(m, dtype=torch.float64)
+    wcw = basis.T @ w.double() @ cov @ w.double().T @ basis
+    gen = torch.Generator().manual_seed(7)
+    centre, radius, found, first = None, None, math.inf, None
+    for _ in range(3):
+        z = torch.randn(200_000, basis.shape[1], generator=gen, dtype=torch.float64)
+        if centre is not None:
+            z = centre + radius * z
+        z = z / z.norm(dim=1, keepdim=True)
+        energies = torch.einsum("bi,ij,bj->b", z, wcw, z)  # ‖u uᵀ W S‖² = uᵀ W C Wᵀ u
+        assert float(energies.min()) >= best * (1 - 1e-6)  # (ours is returned in float32)
+        if first is None:
+            first = energies
+        i = int(energies.argmin())
+        if energies[i] < found:
+            found, centre = float(energies[i]), z[i]
+        radius = 0.02 if radius is None else radius / 10
+    assert found <= best * (1 + 1e-4)
+    energies = first
+    assert best < 0.5 * float(energies.median())  # the optimum is not a flat landscape
+
+
+def test_damping_interpolates_towards_the_plain_choice():
+    w, cov = randn(20, 48), covariance(48, 12)  # singular C: most directions unexcited
+    d_plain = (lambda us, s, vh: us.double() @ vh.double())(*minor_svd(w, 4))
+    d_huge = (lambda us, s, vh: us.double() @ vh.double())(*minor_svd(w, 4, damped(cov, 1e8)))
+    assert (d_huge - d_plain).abs().max() <= 1e-4 * float(torch.linalg.svdvals(w.double())[0])
+    c = damped(cov, 0.5)
+    assert torch.allclose(c - cov, torch.eye(48, dtype=torch.float64) * 0.5 * cov.diagonal().mean())

@@ -218,7 +218,7 @@ def test_bad_input(base, adapters, run_cli, tmp_path, tiny_model):
         ([*two, "--method", "ties", "--density", "0", "--fold"], "(0, 1]"),
         ([*two, "--method", "dare_ties", "--density", "1.5", "--max-rank", "4"], "(0, 1]"),
         ([*two, "--method", "linear", "--fold", "--max-rank", "4"], "exactly one of"),
-        ([*two, "--method", "twin", "--fold"], "--rank"),
+        ([*two, "--method", "twin", "--fold"], "--max-rank"),
     ]
     for args, message in cases:
         out_dir = tmp_path / "out"

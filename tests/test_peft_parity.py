@@ -56,6 +56,19 @@ def component_tolerance(method: str, w, cov, r: int) -> torch.Tensor:
     return torch.clamp(10 * error, min=WEIGHT_TOL).float()
 
 
+def weight_tolerance(method: str, w, cov) -> float:
+    """How far PEFT's rewritten base weight may be from svd-serve's ``W`` + frozen delta: ``WEIGHT_TOL``,
+    but CorDA's piece comes from a float32 SVD of W C mapped back through C⁻¹ (svd-serve's from float64),
+    whose rounding error reaches ``ε₃₂ ‖W C‖₂ ‖C⁻¹‖₂``."""
+    from svd_serve.methods.corda import damped_inverse
+
+    if not method.startswith("corda"):
+        return WEIGHT_TOL
+    fixed, inv = (t.double() for t in damped_inverse(cov, 0.01))
+    bound = torch.finfo(torch.float32).eps * torch.linalg.matrix_norm(w.detach().double() @ fixed, 2)
+    return max(WEIGHT_TOL, float(bound * torch.linalg.matrix_norm(inv, 2)))
+
+
 def align_signs(a, b, a_ref, b_ref):
     """Flip each rank-1 component ``(b[:, i], a[i])`` to the sign of the reference."""
     sign = torch.sign((a * a_ref).sum(1))
@@ -77,7 +90,7 @@ def test_same_as_peft(method, env, tmp_path):
         w = e.model.get_submodule(name).weight
         frozen = layer.frozen_factors()
         rewritten = w + frozen[1] @ frozen[0] if frozen is not None else w
-        assert gap(lora.base_layer.weight, rewritten) <= WEIGHT_TOL, name
+        assert gap(lora.base_layer.weight, rewritten) <= weight_tolerance(method, w, e.covs.get(name)), name
         a_t, b_t = lora.lora_A["default"].weight, lora.lora_B["default"].weight
         if method in ("lora", "kasa"):  # random A, B = 0: the same ΔW = 0, nothing else to compare
             assert not b_t.any() and not layer.B.any()
@@ -86,7 +99,13 @@ def test_same_as_peft(method, env, tmp_path):
             tol = component_tolerance(method, w, e.covs.get(name), RANK)
             ok = tol <= 1e-3
             compared += int(ok.sum())
-            assert ((a - a_t).abs().amax(1) <= tol * a.abs().amax(1).clamp_min(1))[ok].all(), name
+            tol_a = tol
+            if method.startswith("corda"):  # PEFT's A = √σ vᵀ C⁻¹ is a float32 product: ε₃₂ cond(C) relative
+                from svd_serve.methods.corda import damped_inverse
+
+                cond = torch.linalg.cond(damped_inverse(e.covs[name], 0.01)[0].double())
+                tol_a = tol.clamp(min=float(torch.finfo(torch.float32).eps * cond))
+            assert ((a - a_t).abs().amax(1) <= tol_a * a.abs().amax(1).clamp_min(1))[ok].all(), name
             assert ((b - b_t).abs().amax(0) <= tol * b.abs().amax(0).clamp_min(1))[ok].all(), name
     # (CorDA-KPA's minor components of W C are mostly near-degenerate here: 6 of 56 are compared)
     assert method in ("lora", "kasa") or compared > 0

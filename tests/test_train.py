@@ -104,9 +104,101 @@ def test_packed_rows_give_the_padded_loss(tiny_model, arch):
     assert not packing_is_exact(IgnoresPositions(), examples, tok.pad_token_id)
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gemma", "phi3", "gemma2-softcap"])
+def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tiny_model, arch, tmp_path):
+    """``loss_sum`` runs the output head only where a label is: the loss and every adapter gradient are
+    those of the logits of all positions (a tied head; Gemma-2's final soft-cap after the head)."""
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+    import transformers
+
+    from svd_serve.adapter import AdapterSet, make_options
+    from svd_serve.data import IGNORE, Example, collate, collate_packed
+    from svd_serve.model import load_base, resolve_targets
+    from svd_serve.tiny import build_tiny_model
+    from svd_serve.train import _logits, loss_sum
+
+    if arch == "gemma2-softcap":
+        config = transformers.Gemma2Config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           final_logit_softcapping=2.0)  # small: the cap bends these logits
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float()
+    else:
+        path = (build_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True) if arch == "llama-tied"
+                else tiny_model(arch))
+        model = load_base(path)
+    adapters = AdapterSet.create(model, "lora", make_options("lora", rank=4), resolve_targets(model, "all-linear"),
+                                 progress=False)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.normal_(0, 0.1)
+    model.requires_grad_(False)
+    adapters.attach(model)
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (13, 7, 20, 4):
+        ids = torch.randint(3, 300, (n,), generator=g).tolist()
+        keep = torch.rand(n, generator=g) < 0.4
+        examples.append(Example(ids, [t if k else IGNORE for t, k in zip(ids, keep.tolist())]))
+    for batch in (collate(examples, 0), collate_packed(examples, 0)):
+        labels = batch["labels"][:, 1:]
+        targets = labels != IGNORE
+        assert 0 < targets.sum() < targets.numel() // 2  # most positions carry no loss
+        grads = []
+        for route in ("targets", "all"):
+            if route == "targets":
+                ce, n = loss_sum(model, batch)
+            else:
+                logits = _logits(model, batch, "cpu", nullcontext)
+                ce, n = F.cross_entropy(logits[:, :-1][targets], labels[targets], reduction="sum"), targets.sum()
+            ce.backward()
+            grads.append((ce.detach(), n, {k: p.grad.clone() for k, p in adapters.named_parameters()}))
+            adapters.zero_grad(set_to_none=True)
+        (ce_t, n_t, g_t), (ce_a, n_a, g_a) = grads
+        assert n_t == n_a and abs(ce_t - ce_a) <= 1e-6 * ce_a
+        for k in g_a:
+            assert (g_t[k] - g_a[k]).abs().max() <= 1e-5 * g_a[k].abs().max(), k
+    if arch == "gemma2-softcap":  # the cap really acts: the logits are bounded by it
+        assert _logits(model, batch, "cpu", nullcontext).abs().max() < 2.0
+
+
+def test_float32_attention_in_bfloat16_runs(tiny_model):
+    """CPU bfloat16 training computes attention in float32 (the registry entry takes float32 inputs
+    under autocast) and the logits stay within bfloat16's tolerance of the float32 model's."""
+    import svd_serve.model as sm
+    from svd_serve.model import FLOAT32_SDPA, float32_attention, load_base
+
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = load_base(tiny_model("llama"))(input_ids=ids).logits.detach()
+    model = load_base(tiny_model("llama"), torch.bfloat16)
+    seen = []
+    inner = sm._sdpa_float32
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append(query.dtype)
+        return inner(module, query, key, value, mask, **kwargs)
+
+    assert float32_attention(model) and model.config._attn_implementation == FLOAT32_SDPA
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLOAT32_SDPA, spy)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits.float()
+    finally:
+        AttentionInterface.register(FLOAT32_SDPA, inner)
+    assert seen == [torch.bfloat16] * model.config.num_hidden_layers  # called in every layer
+    assert (logits - reference).abs().max() <= 2e-2 * reference.abs().max()  # bfloat16: 8 bits of mantissa
+    eager = load_base(tiny_model("llama"), torch.bfloat16)
+    eager.set_attn_implementation("eager")
+    assert not float32_attention(eager) and eager.config._attn_implementation == "eager"
+
+
 def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
     out = run_train(cfg(tiny_model, qa_data, tmp_path / "bf16", steps=2, dtype="bfloat16", method="lora"))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after the init check
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert all(t.dtype == torch.float32 for t in adapter_tensors(out).values())
 
@@ -149,7 +241,7 @@ def test_resume_after_sigkill_is_exact(tiny_model, qa_data, tmp_path, run_cli):
     assert "resumed from" in output and "step-2" in output
     assert max_diff(tmp_path / "ref", out) <= 1e-5
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # records of the dead run past its checkpoint were dropped
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # the init check, then records of the dead run past its checkpoint were dropped
     assert (out / "loss.png").stat().st_size > 0
     assert json.loads((ckpts / "best.json").read_text())["step"] in (2, 4)
 
@@ -209,7 +301,7 @@ def test_config_file_equals_flags(tiny_model, qa_data, tmp_path, run_cli):
     assert max_diff(tmp_path / "flags", tmp_path / "file") == 0
     saved = json.loads((tmp_path / "file" / "svd_adapter.json").read_text())
     assert saved["options"]["beta"] == 0.5  # --reg maps onto the method's option field
-    records = [json.loads(line) for line in (tmp_path / "file" / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (tmp_path / "file" / "metrics.jsonl").open()][1:]  # after the init check
     assert len(records) == 2 and all(r["reg"] > 0 for r in records)
 
 

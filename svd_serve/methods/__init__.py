@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from ..errors import SvdServeError
 from .base import Adapter, LoRAOptions, Options, RankOptions, opt
+from .codyra import CoDyRA
 from .corda import CorDAIPA, CorDAKPA
 from .delta import Delta
+from .diffora import DiffoRA
 from .kasa import KaSA
 from .kore import KORE
 from .loku import LoKU
 from .lora import LoRA
 from .milora import MiLoRA
 from .olora import OLoRA
+from .osft import OSFT
 from .pissa import PiSSA
 from .salt import SALT
 from .soma import SoMA
 from .sorsa import SORSA
+from .sst import SST
 from .svf import SVF
 from .svfit import SVFit
 
@@ -34,7 +38,11 @@ METHODS: dict[str, type[Adapter]] = {
     "soma": SoMA,
     "kore": KORE,
     "loku": LoKU,
+    "diffora": DiffoRA,
     "delta": Delta,
+    "codyra": CoDyRA,
+    "sst": SST,
+    "osft": OSFT,
 }
 DEFAULT_METHOD = "kasa"
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SvdServeError
-from ..linalg import LowRank
+from ..linalg import LowRank, damped, exact_svd
 from .base import LoRAOptions, opt
 from .residual import Residual
 
@@ -20,7 +20,7 @@ def damped_inverse(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.
     cov = cov.float()
     eye = torch.eye(cov.shape[0], dtype=cov.dtype)
     while True:
-        fixed = cov + eye * cov.diagonal().mean() * damp
+        fixed = damped(cov, damp).float()
         inv = torch.linalg.inv(fixed)
         if torch.dist(fixed @ inv, eye) < 0.05:
             return fixed, inv
@@ -43,11 +43,10 @@ class CorDA(Residual):
         if cov is None:
             raise SvdServeError(f"{self.name} needs calibration data (--calib-data)")
         fixed, inv = damped_inverse(cov, self.opts.damp)
-        u, s, vh = torch.linalg.svd(weight @ fixed, full_matrices=False)
-        v = (vh @ inv).T
-        r = self.opts.rank
-        sel = slice(0, r) if self.mode == "ipa" else slice(-r, None)
-        return LowRank.from_svd(u[:, sel], s[sel], v[:, sel].T, self.scale)
+        r, k = self.opts.rank, self.k
+        # only the r triplets used, from the Gram matrix of W C in float64 (not a full SVD)
+        u, s, vh = exact_svd(weight.double() @ fixed.double(), slice(k - r, k) if self.mode == "ipa" else slice(0, r))
+        return LowRank.from_svd(u, s, vh @ inv.double(), self.scale).float()
 
 
 class CorDAIPA(CorDA):
