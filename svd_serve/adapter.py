@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calib import TruncationWeights, lower_rank
 from .errors import SvdServeError
 from .io import atomic_dir, check_finite
-from .linalg import LowRank, compress
+from .linalg import Compressed, LowRank
 from .methods import Adapter, Options, get_method
 from .methods.delta import Delta
 from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
@@ -211,9 +212,11 @@ class AdapterSet(nn.Module):
         """Parameters whose optimizer state a layer's hook asked to drop (:meth:`Adapter.reset_optimizer_state`)."""
         return [p for _, layer in self.items() for p in layer.pop_stale()]
 
-    def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
-        """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""
-        return {name: compress(*layer.delta(), max_rank=max_rank) for name, layer in self.items()}
+    def deltas(self, max_rank: int | None = None, weights: TruncationWeights | None = None) -> dict[str, Compressed]:
+        """Each module's ΔW against the original base in its smallest exact rank, or the best rank
+        ``max_rank`` approximation: plain (Frobenius), or in the norm ``weights`` choose with the output
+        error on their calibration data (:class:`svd_serve.calib.TruncationWeights`)."""
+        return {name: lower_rank(weights, name, layer.delta(), max_rank) for name, layer in self.items()}
 
     @torch.no_grad()
     def fold_into(self, model: nn.Module) -> None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import IGNORE, collate, encode
+from .data import IGNORE, collate, encode, read_jsonl
 from .errors import SvdServeError
 from .linalg import DAMP, Compressed, LowRank, Weighting, compress, relative_error
 
@@ -136,6 +137,12 @@ def calibrate(statistic: str, model: nn.Module, names: list[str], rows: list[dic
 
 # --- weighted truncation -------------------------------------------------------------------------------
 WEIGHTINGS = ("none", "fisher", "activation")
+WEIGHTING_HELP = ("How a lowered rank is chosen: none (the best in Frobenius norm), fisher (FWSVD: output rows "
+                  "weighted by their Fisher information) or activation (the output error on the calibration "
+                  "inputs). fisher and activation need --calib-data.")
+CALIB_HELP = ("JSONL rows for --weighting; with it (any weighting) each module's output error on these rows is "
+              "reported beside its Frobenius error. Loads the model once for a forward (and, for fisher, "
+              "backward) pass over the rows; the truncation itself stays in factor space.")
 
 
 @dataclass
@@ -170,3 +177,73 @@ class TruncationWeights:
         c = compress(*delta, max_rank=max_rank, energy=energy, weighting=self.weighting(name))
         measure = Weighting.activation(self.covariances[name], damp=None)
         return dataclasses.replace(c, output_error=relative_error(delta, c.factors, measure) if c.rel_error else 0.0)
+
+
+def check_weighting(kind: str, calib_data: str | Path | None, lowers_rank: bool) -> None:
+    """Refuse a bad ``--weighting``/``--calib-data`` before any work: an unknown weighting, a weighting
+    without data, or either where nothing lowers a rank."""
+    if kind not in WEIGHTINGS:
+        raise SvdServeError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, not {kind!r}")
+    if kind != "none" and calib_data is None:
+        raise SvdServeError(f"--weighting {kind} needs --calib-data (its statistics come from the model on "
+                            "calibration rows)")
+    if calib_data is not None and not lowers_rank:
+        raise SvdServeError("--weighting and --calib-data choose how a rank is lowered: they go with --max-rank")
+    if calib_data is not None and not Path(calib_data).is_file():
+        raise SvdServeError(f"--calib-data: data file not found: {calib_data}")
+
+
+def truncation_weights(kind: str, calib_data: str | Path | None, model_dir: str | Path, names: list[str],
+                       deltas: dict[str, LowRank] | None = None, max_length: int = 512) -> TruncationWeights | None:
+    """What ``--weighting kind --calib-data FILE`` of a rank-lowering command needs (None without
+    calibration data; :func:`check_weighting` first): the statistics of the model at ``model_dir``
+    (float32) with the exact low-rank ``deltas`` added to its modules where given (the model the
+    truncated ΔW serves), over the rows of ``calib_data``, for the modules ``names``."""
+    if calib_data is None:
+        return None
+    from .model import LowRankDelta, attach, detach, load_base, load_tokenizer
+
+    rows = read_jsonl(calib_data)
+    if not rows:
+        raise SvdServeError(f"{calib_data}: no calibration rows")
+    model, tokenizer = load_base(model_dir), load_tokenizer(model_dir)
+    model.eval()
+    if deltas:
+        attach(model, {n: LowRankDelta(*d.float()) for n, d in deltas.items()})
+    try:
+        return TruncationWeights.collect(kind, model, names, rows, tokenizer, max_length)
+    finally:
+        if deltas:
+            detach(model)
+
+
+def lower_rank(weights: TruncationWeights | None, name: str, delta: LowRank, max_rank: int | None = None,
+               energy: float | None = None) -> Compressed:
+    """Module ``name``'s ``ΔW = B A`` at ``max_rank`` (or ``energy``): in the weighting of ``weights``
+    with its output error measured (:meth:`TruncationWeights.compress`), or plainly without them."""
+    if weights is not None:
+        return weights.compress(name, delta, max_rank, energy)
+    return compress(*delta, max_rank=max_rank, energy=energy)
+
+
+def module_errors(compressed: dict[str, Compressed]) -> dict[str, list]:
+    """``{module: [Frobenius error, output error or None]}`` for a command's report."""
+    return {n: [c.rel_error, c.output_error] for n, c in compressed.items()}
+
+
+def truncation_table(errors: dict[str, list]) -> list[str]:
+    """Per module type (``q_proj``, ...) of :func:`module_errors`: how many modules, the mean and max
+    relative Frobenius error and output error on the calibration rows (where measured), and the
+    module of the largest output error."""
+    kinds: dict[str, list] = {}
+    for name, (frob, out) in errors.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append((name, frob, out))
+    lines = [f"  {'module type':<14}{'n':>4}  {'Frobenius mean':>15}{'max':>10}  {'output mean':>12}{'max':>10}"
+             "  worst module"]
+    for kind, items in kinds.items():
+        frob = [f for _, f, _ in items]
+        out = [o for _, _, o in items if o is not None]
+        worst = max(items, key=lambda x: x[2] if x[2] is not None else x[1])[0]
+        measured = f"{sum(out) / len(out):>12.3e}{max(out):>10.3e}" if out else f"{'-':>12}{'-':>10}"
+        lines.append(f"  {kind:<14}{len(items):>4}  {sum(frob) / len(frob):>15.3e}{max(frob):>10.3e}  {measured}  {worst}")
+    return lines

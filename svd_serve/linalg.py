@@ -178,6 +178,12 @@ class LowRank(NamedTuple):
         return LowRank(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts], dim=1))
 
     @staticmethod
+    def of_dense(d: Tensor) -> "LowRank":
+        """A dense ``[m, n]`` ΔW as factors ``(I, D)`` or ``(D, I)``, whichever has the smaller rank."""
+        m, n = d.shape
+        return LowRank(torch.eye(n, dtype=d.dtype), d) if n <= m else LowRank(d, torch.eye(m, dtype=d.dtype))
+
+    @staticmethod
     def from_svd(u: Tensor, s: Tensor, vh: Tensor, scale: float = 1.0) -> "LowRank":
         """``U diag(S) Vh = scale · B A`` with the singular values shared evenly between the factors:
         ``B = U √(S/scale)``, ``A = √(S/scale) Vh`` (PiSSA's split, and every balanced export)."""
