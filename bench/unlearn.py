@@ -103,7 +103,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--methods", default="loku,lora")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     base = smollm2()
     args.out.mkdir(parents=True, exist_ok=True)
     files = {}

@@ -161,16 +161,17 @@ def test_loku_forgets_memorised_facts_and_serves_as_a_lora(knowledge, tmp_path):
     base, rows, files, _ = knowledge
     tok = AutoTokenizer.from_pretrained(base)
     model = load_base(base)
-    before = {k: answer_stats(model, tok, rows[k]) for k in ("forget", "unseen")}
+    before = {k: answer_stats(model, tok, rows[k]) for k in ("forget", "retain", "unseen")}
     assert before["forget"][0] == 1.0 and before["unseen"][0] >= 0.95  # the model knows them
     out = run_train(TrainConfig(base=str(base), out=str(tmp_path / "forget-4"), forget_data=str(files["forget"]),
                                 retain_data=str(files["retain"]), method="loku", rank=4, targets="all-linear",
                                 steps=STEPS, lr=LR, batch_size=8, progress=False))
     AdapterSet.load(out, model).attach(model)
-    after = {k: answer_stats(model, tok, rows[k]) for k in ("forget", "unseen")}
+    after = {k: answer_stats(model, tok, rows[k]) for k in ("forget", "retain", "unseen")}
     print(f"exact match, answer cross-entropy: before {before}, after {after}")
     assert after["forget"][0] <= 0.05  # extraction is gone ...
     assert after["unseen"][0] >= before["unseen"][0] - UNSEEN_DROP  # ... the rest mostly stays
+    assert after["retain"][0] >= before["retain"][0] - UNSEEN_DROP
     export("peft", base, [out], tmp_path / "peft")
     served = PeftModel.from_pretrained(load_base(base), tmp_path / "peft").eval()
     assert answer_stats(served, tok, rows["forget"])[0] == after["forget"][0]
