@@ -238,15 +238,15 @@ class Weighting:
 
     @classmethod
     def activation(cls, cov: Tensor, damp: float | None = DAMP) -> "Weighting":
-        """``S = V diag(√(λ + damp·mean λ))`` from ``C = V diag(λ) Vᵀ`` (so ``S Sᵀ = C + damp·mean(λ)·I``).
-        ``damp=None``: ``S Sᵀ = C`` exactly (negative rounding noise clamped), for measuring only."""
-        lam, vecs = torch.linalg.eigh(cov.double())
-        lam = lam.clamp_min(0)
+        """``S = V diag(√λ)`` from the eigenpairs of :func:`damped` ``(C, damp)`` (so ``S Sᵀ = C +
+        damp·mean(diag C)·I``). ``damp=None``: ``S Sᵀ = C`` exactly (negative rounding noise clamped),
+        for measuring only."""
+        if damp is not None and not cov.diagonal().mean() > 0:
+            return cls()  # inputs the calibration data never reached: the plain truncation
+        lam, vecs = torch.linalg.eigh(cov.double() if damp is None else damped(cov, damp))
+        root = lam.clamp_min(0).sqrt()
         if damp is None:
-            return cls(cols=vecs * lam.sqrt())
-        if lam.mean() <= 0:
-            return cls()
-        root = (lam + damp * lam.mean()).sqrt()
+            return cls(cols=vecs * root)
         return cls(cols=vecs * root, cols_inv=(vecs / root).T.contiguous())
 
     def __bool__(self) -> bool:
