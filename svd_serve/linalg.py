@@ -226,7 +226,8 @@ class Weighting:
 
     rows: Tensor | None = None  # [m], > 0
     cols: Tensor | None = None  # S [n, k]
-    cols_inv: Tensor | None = None  # S⁻¹ [k, n] (None when S is only used to measure)
+    cols_inv: Tensor | None = None  # S⁻¹ [k, n]
+    cov: Tensor | None = None  # C = S Sᵀ [n, n] instead of S: enough to measure (:meth:`norm`), not to truncate
 
     @classmethod
     def fisher(cls, row_sums: Tensor, damp: float = DAMP) -> "Weighting":
@@ -239,14 +240,14 @@ class Weighting:
     @classmethod
     def activation(cls, cov: Tensor, damp: float | None = DAMP) -> "Weighting":
         """``S = V diag(√λ)`` from the eigenpairs of :func:`damped` ``(C, damp)`` (so ``S Sᵀ = C +
-        damp·mean(diag C)·I``). ``damp=None``: ``S Sᵀ = C`` exactly (negative rounding noise clamped),
-        for measuring only."""
-        if damp is not None and not cov.diagonal().mean() > 0:
-            return cls()  # inputs the calibration data never reached: the plain truncation
-        lam, vecs = torch.linalg.eigh(cov.double() if damp is None else damped(cov, damp))
-        root = lam.clamp_min(0).sqrt()
+        damp·mean(diag C)·I``). ``damp=None``: ``C`` itself, for measuring only (``‖E S‖_F² = tr(E C Eᵀ)``, no
+        factorization)."""
         if damp is None:
-            return cls(cols=vecs * root)
+            return cls(cov=cov.detach().double())
+        if not cov.diagonal().mean() > 0:
+            return cls()  # inputs the calibration data never reached: the plain truncation
+        lam, vecs = torch.linalg.eigh(damped(cov, damp))
+        root = lam.clamp_min(0).sqrt()
         return cls(cols=vecs * root, cols_inv=(vecs / root).T.contiguous())
 
     def __bool__(self) -> bool:
@@ -268,7 +269,12 @@ class Weighting:
         return LowRank(a, b / self.rows[:, None] if self.rows is not None else b)
 
     def norm(self, f: LowRank) -> float:
-        """``‖D B A S‖_F`` without forming it (QR of both weighted factors, float64)."""
+        """``‖D B A S‖_F`` without forming it (QR of both weighted factors, float64); with ``cov``,
+        ``√tr((D B)ᵀ(D B) · A C Aᵀ)``."""
+        if self.cov is not None:
+            a, b = f.A.detach().double(), f.B.detach().double()
+            b = b * self.rows[:, None] if self.rows is not None else b
+            return float(((b.T @ b) * (a @ self.cov.to(a.device) @ a.T)).sum().clamp_min(0).sqrt())
         a, b = self.weigh(f)
         rb = torch.linalg.qr(b, mode="r")[1]
         ra = torch.linalg.qr(a.T, mode="r")[1]
@@ -278,7 +284,7 @@ class Weighting:
 def relative_error(exact: LowRank, approx: LowRank, weighting: Weighting | None = None) -> float:
     """``‖D (BA − B'A') S‖_F / ‖D BA S‖_F`` in factor space (0.0 for a zero ΔW equal to its approximation;
     the absolute error when ΔW is zero)."""
-    w = weighting or Weighting()
+    w = weighting if weighting is not None else Weighting()
     diff = w.norm(LowRank(torch.cat([exact.A.double(), approx.A.double()]),
                           torch.cat([exact.B.double(), -approx.B.double()], 1)))
     ref = w.norm(exact)
