@@ -7,7 +7,7 @@ neither set, three of them sharing an answer with a forgotten fact ("The Eiffel 
 Reported per set: greedy exact match of the answer and its mean cross-entropy, and the
 cross-entropy of some general text in no set.
 
-    python -m bench.unlearn --out /tmp/unlearn [--steps 60 --lr 2e-3 --rank 8 --methods loku,lora]
+    python -m bench.unlearn --out /tmp/unlearn [--steps 20 --lr 2e-4 --rank 8 --methods loku,lora]
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--methods", default="loku,lora")
