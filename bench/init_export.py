@@ -82,7 +82,7 @@ def max_err(pieces, refs: dict[str, torch.Tensor]) -> float:
 def svd_serve_init(method: str, r: int, targets: list[str], covs=None, **options):
     def run(model):
         opts = make_options(method, rank=r, **options)
-        return AdapterSet.create(model, method, opts, targets, target_spec="all-linear", covariances=covs,
+        return AdapterSet.create(model, method, opts, targets, target_spec="all-linear", statistics=covs,
                                  progress=False)
     return run
 

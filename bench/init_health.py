@@ -73,7 +73,7 @@ def main() -> None:
             adapted = copy.deepcopy(model)
             rank = None if method == "soma" else args.rank
             adapters = AdapterSet.create(adapted, method, make_options(method, rank, **options), targets,
-                                         covariances=covs, progress=False)
+                                         statistics=covs, progress=False)
             adapters.attach(adapted)
             absorb_frozen(adapted)
             lines: list[str] = []

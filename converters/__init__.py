@@ -36,19 +36,26 @@ class ExportedAdapter:
     A: dict[str, Tensor]  # module name -> [rank, in]
     B: dict[str, Tensor]  # module name -> [out, rank]
     rel_error: dict[str, float]  # module name -> relative Frobenius error (0.0 when exact)
+    # module name -> [relative Frobenius error, relative output error on calibration rows], where measured
+    errors: dict[str, list] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a in self.A.values())
 
     @classmethod
-    def from_adapter(cls, name: str, path: str | Path, adapters, max_rank: int | None = None) -> "ExportedAdapter":
+    def from_adapter(cls, name: str, path: str | Path, adapters, max_rank: int | None = None,
+                     weights=None) -> "ExportedAdapter":
         """The exact ΔW factors of a loaded :class:`svd_serve.adapter.AdapterSet` (its smallest exact
-        rank, or the best rank-``max_rank`` approximation with its error)."""
-        deltas = adapters.deltas(max_rank)
+        rank, or the best rank-``max_rank`` approximation with its error), in the norm of ``weights``
+        (:class:`svd_serve.calib.TruncationWeights`) where given."""
+        from svd_serve.calib import module_errors
+
+        deltas = adapters.deltas(max_rank, weights)
         return cls(name=name, path=Path(path), config=adapters.config.__dict__.copy(),
                    A={n: d.A for n, d in deltas.items()}, B={n: d.B for n, d in deltas.items()},
-                   rel_error={n: d.rel_error for n, d in deltas.items()})
+                   rel_error={n: d.rel_error for n, d in deltas.items()},
+                   errors=module_errors(deltas) if weights is not None else {})
 
 
 @dataclass

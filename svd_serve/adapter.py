@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calib import TruncationWeights, lower_rank
 from .errors import SvdServeError
 from .io import atomic_dir, check_finite
-from .linalg import LowRank, add_low_rank_, compress
+from .linalg import Compressed, LowRank, add_low_rank_
 from .methods import Adapter, Options, get_method
 from .methods.delta import Delta
 from .model import AdaptedLinear, attach, detach, fingerprint
@@ -110,10 +111,12 @@ class AdapterSet(nn.Module):
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def create(cls, model: nn.Module, method: str, opts, targets: list[str], target_spec: str = "",
-               covariances: dict[str, Tensor] | None = None, base_model: str = "",
+               statistics: dict[str, Tensor] | None = None, base_model: str = "",
                progress: bool = True) -> "AdapterSet":
+        """A fresh adapter on ``targets`` of ``model``; ``statistics``: each module's calibration
+        statistic, the one the method declares (``Adapter.statistic``, :func:`svd_serve.calib.calibrate`)."""
         method_cls = get_method(method)
-        if method_cls.needs_calibration_for(opts) and not covariances:
+        if method_cls.needs_calibration_for(opts) and not statistics:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
         shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(
@@ -125,8 +128,8 @@ class AdapterSet(nn.Module):
                      leave=False)
         for name in names:
             weight = model.get_submodule(name).weight.detach().float()
-            cov = covariances.get(name) if covariances else None
-            self.layers[_key(name)].init(weight, cov)
+            stat = statistics.get(name) if statistics else None
+            self.layers[_key(name)].init(weight, stat)
         return self
 
     @classmethod
@@ -209,9 +212,11 @@ class AdapterSet(nn.Module):
         """Parameters whose optimizer state a layer's hook asked to drop (:meth:`Adapter.reset_optimizer_state`)."""
         return [p for _, layer in self.items() for p in layer.pop_stale()]
 
-    def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
-        """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""
-        return {name: compress(*layer.delta(), max_rank=max_rank) for name, layer in self.items()}
+    def deltas(self, max_rank: int | None = None, weights: TruncationWeights | None = None) -> dict[str, Compressed]:
+        """Each module's ΔW against the original base in its smallest exact rank, or the best rank
+        ``max_rank`` approximation: plain (Frobenius), or in the norm ``weights`` choose with the output
+        error on their calibration data (:class:`svd_serve.calib.TruncationWeights`)."""
+        return {name: lower_rank(weights, name, layer.delta(), max_rank) for name, layer in self.items()}
 
     @torch.no_grad()
     def fold_into(self, model: nn.Module) -> None:

@@ -13,6 +13,7 @@ import click
 
 from . import log
 from .atlas import AtlasSettings
+from .calib import CALIB_HELP, WEIGHTING_HELP, WEIGHTINGS, truncation_table
 from .converters import TARGETS
 from .demo import demo
 from .errors import SvdServeError
@@ -27,6 +28,22 @@ ATLAS = {f.name: f.default for f in dataclasses.fields(AtlasSettings)}  # and of
 DEMO = {k: p.default for k, p in inspect.signature(demo).parameters.items()}  # and of `demo`
 TARGETS_HELP = "Module-name suffixes (comma list), 'all-linear', or a regex over full names."
 OVERWRITE_HELP = "Replace an earlier svd-serve output at --out (never other files)."
+
+
+def weighting_options(f):
+    """``--weighting`` and ``--calib-data`` of every command that lowers a rank."""
+    f = click.option("--calib-data", "truncation_calib", type=click.Path(), help=CALIB_HELP)(f)
+    return click.option("--weighting", default="none", show_default=True, type=click.Choice(WEIGHTINGS),
+                        help=WEIGHTING_HELP)(f)
+
+
+def echo_errors(report: dict, indent: str = "") -> None:
+    """Each module type's truncation errors, where a --calib-data run measured them."""
+    if report.get("errors"):
+        click.echo(f"{indent}per module type, with --weighting {report['weighting']} (relative errors; output on "
+                   "the calibration rows):")
+        for line in truncation_table(report["errors"]):
+            click.echo(indent + line)
 
 
 def one_of(new_flag: str, new, old_flag: str, old):
@@ -57,7 +74,8 @@ def methods_cmd(name):
 @cli.command(context_settings={"show_default": True})
 @click.option("--config", "config_file", type=click.Path(), help="run.yaml or JSON with any of these options; flags override it.")
 @click.option("--base", type=click.Path(), help="Hugging Face model directory.  [required]")
-@click.option("--data", type=click.Path(), help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required]')
+@click.option("--data", type=click.Path(),
+              help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required, or --forget-data]')
 @click.option("--out", type=click.Path(), help="Output directory: the adapter, metrics.jsonl, loss.png, checkpoints/.  [required]")
 @click.option("--method", default=TRAIN["method"], type=click.Choice(list(METHODS)),
               help="Adapter method (see `svd-serve methods`).")
@@ -70,7 +88,20 @@ def methods_cmd(name):
                    "each method's options; an option the method does not have is refused.")
 @click.option("--reg", multiple=True, metavar="KEY=VALUE",
               help="A regularizer weight, e.g. --reg beta=1e-3: the same as -o, for regularizer weights only.")
-@click.option("--calib-data", type=click.Path(), help="JSONL for the input covariances of CorDA and KORE.")
+@click.option("--calib-data", type=click.Path(),
+              help="JSONL for the calibration statistic of CorDA and KORE (input covariances) and LoKU (Fisher "
+                   "information; in an unlearning run the default is --forget-data).")
+@click.option("--forget-data", type=click.Path(),
+              help="Unlearn instead of learning (instead of --data): JSONL whose target tokens the adapter pushes "
+                   "down with the inverted hinge loss (LoKU). Each step takes one batch of it and one of "
+                   "--retain-data.")
+@click.option("--retain-data", type=click.Path(),
+              help="With --forget-data: JSONL kept with the usual cross-entropy (and the reference of LoKU's "
+                   "relative Fisher information).")
+@click.option("--forget-weight", default=TRAIN["forget_weight"], type=float,
+              help="Weight of the forget loss (mean inverted hinge per target token).")
+@click.option("--retain-weight", default=TRAIN["retain_weight"], type=float,
+              help="Weight of the retain loss (mean cross-entropy per target token).")
 @click.option("--max-length", default=TRAIN["max_length"], type=int, help="Longer rows are truncated (and counted).")
 @click.option("--pack", is_flag=True, help="Concatenate short rows into rows of up to --max-length tokens.")
 @click.option("--eval-data", type=click.Path(), help="JSONL evaluated at checkpoints and at the end.")
@@ -143,6 +174,7 @@ def fold(base, adapter, out, max_shard_size, overwrite):
               help="svd-serve adapter directory (repeat for several).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--max-rank", type=int, help="Best rank-K approximation instead of the exact rank (error reported).")
+@weighting_options
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="--target onnx: the graph's dtype, float32 (CPU) or float16 (CUDA); default float16 where "
                    "CUDAExecutionProvider is available, else float32. Other targets write float32 factors.")
@@ -151,13 +183,15 @@ def fold(base, adapter, out, max_shard_size, overwrite):
               help="Also compare logits of the float32 base with the written factors and the adapted "
                    "model (loads the model; default: on for checkpoints up to 256 MiB).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def export(target, base, adapters, out, max_rank, dtype, no_verify, check_logits, overwrite):
+def export(target, base, adapters, out, max_rank, weighting, truncation_calib, dtype, no_verify, check_logits,
+           overwrite):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
     report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify,
-                 check_logits=check_logits, overwrite=overwrite, **extra)
+                 check_logits=check_logits, overwrite=overwrite, weighting=weighting, calib_data=truncation_calib,
+                 **extra)
     for name, entry in report["adapters"].items():
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
@@ -170,6 +204,7 @@ def export(target, base, adapters, out, max_rank, dtype, no_verify, check_logits
         if "onnx_max_logit_gap" in entry:
             line += f", ONNX Runtime ({entry['provider']}) vs adapted model: max |Δ| {entry['onnx_max_logit_gap']:.2e}"
         click.echo(line)
+        echo_errors(entry, "  ")
     for line in report.get("messages", []):
         click.echo(line)
     click.echo(f"written to {out}")
@@ -249,12 +284,13 @@ def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, 
 @click.option("--lr", type=float, help=f"atlas: learning rate of the coefficients (default: {ATLAS['lr']:g}).")
 @click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
 @click.option("--max-rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
+@weighting_options
 @click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--max-shard-size", help="--fold/twin: shard the checkpoint at this size, e.g. 5GB (default: the base's shards).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def merge(base, adapters, method, weights, density, lam, seed, shared, data, per_component, steps, lr, fold,
-          max_rank, old_rank, out, max_shard_size, overwrite):
+          max_rank, weighting, truncation_calib, old_rank, out, max_shard_size, overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME. atlas learns one coefficient per
     task vector and module (or per singular component) on --data with the training loop."""
@@ -274,7 +310,7 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, data, per
             raise SvdServeError("--steps, --lr and --per-component need --data (and --method atlas)")
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
                  seed=seed, fold=fold, rank=max_rank, shared=shared, max_shard_size=max_shard_size,
-                 overwrite=overwrite, atlas=atlas)
+                 overwrite=overwrite, atlas=atlas, weighting=weighting, calib_data=truncation_calib)
     if "atlas" in report:
         a = report["atlas"]
         click.echo(f"few-shot loss {a['loss_start']:.4f} at the initial coefficients (task arithmetic) → "
@@ -282,8 +318,10 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, data, per
                    f"task {', '.join(f'{x:.3f}' for x in a['mean_lambda'])})")
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
+        echo_errors(report)
     for name, entry in report.get("adapters", {}).items():
         click.echo(f"{name}: rank {entry['rank']}, max relative error {entry['max_rel_error']:.3e}")
+        echo_errors(entry, "  ")
     click.echo(f"{method} merge of {len(adapters)} adapters ({report['modules']} modules) written to {out}")
 
 
@@ -319,19 +357,22 @@ def import_cmd(source, adapter, base, initial, out, overwrite, old_adapter):
 @click.option("--finetuned", required=True, type=click.Path(), help="A full fine-tune of --base.")
 @click.option("--max-rank", type=int, help="Components kept per module.")
 @click.option("--rank", "old_rank", type=int, hidden=True)
-@click.option("--energy", type=float, help="Per module, the fewest components holding this fraction of ||ΔW||².")
+@click.option("--energy", type=float, help="Per module, the fewest components holding this fraction of ||ΔW||² "
+                                           "(with --weighting: of the weighted norm).")
+@weighting_options
 @click.option("--targets", default="all-linear", show_default=True, help=TARGETS_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Output directory (a native adapter).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def extract(base, finetuned, max_rank, old_rank, energy, targets, out, overwrite):
+def extract(base, finetuned, max_rank, old_rank, energy, weighting, truncation_calib, targets, out, overwrite):
     """Extract an adapter from a full fine-tune (SVD of W_ft - W_base per Linear)."""
     from .extract import extract as run
 
     report = run(base, finetuned, out, rank=one_of("--max-rank", max_rank, "--rank", old_rank), energy=energy,
-                 targets=targets, overwrite=overwrite)
+                 targets=targets, overwrite=overwrite, weighting=weighting, calib_data=truncation_calib)
     click.echo(f"{report['modules']} modules, rank {report['rank']}, max relative error "
                f"{report['max_rel_error']:.3e}" + (f", {report['unchanged']} unchanged modules left out"
                                                     if report["unchanged"] else ""))
+    echo_errors(report)
     if report["other_changed"]:
         click.echo(f"note: {len(report['other_changed'])} other parameters differ and are not in the adapter: "
                    + ", ".join(report["other_changed"][:5]) + (" ..." if len(report["other_changed"]) > 5 else ""))

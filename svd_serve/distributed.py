@@ -89,17 +89,18 @@ class Processes:
             dist.all_reduce(t)
         return t
 
-    def sum_grads_(self, params: list[torch.Tensor], scalar: torch.Tensor) -> torch.Tensor:
-        """Sum every parameter's gradient (a missing one counts as zero) and ``scalar`` over ranks,
-        in one all-reduce; returns the summed scalar."""
+    def sum_grads_(self, params: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        """Sum every parameter's gradient (a missing one counts as zero) and ``values`` (a few loss
+        sums) over ranks, in one all-reduce; returns the summed values."""
         if self.world == 1:
-            return scalar
+            return values
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [scalar.float().reshape(1)])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [values.float().reshape(-1)])
         dist.all_reduce(flat)
-        for p, chunk in zip(params, flat[:-1].split([g.numel() for g in grads])):
+        n = values.numel()
+        for p, chunk in zip(params, flat[:-n].split([g.numel() for g in grads])):
             p.grad = chunk.view_as(p)
-        return flat[-1].to(scalar.dtype)
+        return flat[-n:].view_as(values).to(values.dtype)
 
     def check_same(self, tensors: dict[str, torch.Tensor]) -> None:
         """Every rank must hold rank 0's values (the updates were the same)."""

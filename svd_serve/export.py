@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterSet
+from .calib import check_weighting, truncation_weights
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
 from .io import check_finite, check_out
@@ -79,16 +80,21 @@ def logits_gap(model: nn.Module, first: dict[str, nn.Module], second: dict[str, 
 
 def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: str | Path,
            max_rank: int | None = None, verify: bool = True, check_logits: bool | None = None,
-           overwrite: bool = False, **options) -> dict:
+           overwrite: bool = False, weighting: str = "none", calib_data: str | Path | None = None,
+           **options) -> dict:
     """Write ``adapter_dirs`` for ``target`` under ``out``; returns a report (ranks, errors, checks).
 
     ``verify=False`` skips every check; ``check_logits`` None runs the end-to-end logits check when
-    the base's weights take at most :data:`CHECK_LOGITS_MAX_BYTES`."""
+    the base's weights take at most :data:`CHECK_LOGITS_MAX_BYTES`. ``weighting`` and ``calib_data``
+    choose how ``max_rank`` truncates (:func:`svd_serve.calib.truncation_weights`: the statistics of
+    the base with each adapter's exact ΔW, on the calibration rows; loads the model) and add each
+    module's output error on those rows to the report (``errors``)."""
     convert = get_target(target).export
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
     if max_rank is not None and max_rank < 1:
         raise SvdServeError("--max-rank must be at least 1")
+    check_weighting(weighting, calib_data, max_rank is not None)
     names = [Path(p).name for p in adapter_dirs]
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
@@ -96,7 +102,9 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     return_freed_memory()
     ckpt = Weights(base)
     sets = [AdapterSet.load(p, ckpt) for p in adapter_dirs]
-    exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
+    exported = [ExportedAdapter.from_adapter(n, p, s, max_rank, truncation_weights(
+                    weighting, calib_data, base, list(s.config.targets), {m: d.factors for m, d in s.deltas().items()}))
+                for n, p, s in zip(names, adapter_dirs, sets)]
     for e in exported:
         check_finite([(f"{n}.{k}", t) for n in e.A for k, t in (("A", e.A[n]), ("B", e.B[n]))],
                      f"refusing to export {e.name}")
@@ -113,6 +121,8 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     for e, s in zip(exported, sets):
         entry = {"rank": e.rank, "modules": len(e.A), "bound": max(l.rank_bound() for _, l in s.items()),
                  "max_rel_error": max(e.rel_error.values()), **checks.get(e.name, {}), **written.get(e.name, {})}
+        if e.errors:
+            entry.update(weighting=weighting, errors=e.errors)
         if model is not None:
             native = dict(s.items())
             lowrank = {n: LowRankDelta(e.A[n], e.B[n]) for n in e.A}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapter import delta_adapter
+from .calib import check_weighting, module_errors, truncation_weights
 from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .io import check_out
@@ -43,13 +44,19 @@ def same_tensor(base: Weights, tuned: Weights, name: str, block: int = 1 << 24) 
 
 @torch.no_grad()
 def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int | None = None,
-            energy: float | None = None, targets: str = "all-linear", overwrite: bool = False) -> dict:
+            energy: float | None = None, targets: str = "all-linear", overwrite: bool = False,
+            weighting: str = "none", calib_data: str | Path | None = None) -> dict:
+    """``weighting`` and ``calib_data`` choose how each module's difference is truncated
+    (:func:`svd_serve.calib.truncation_weights`: the statistics of the fine-tuned model on the
+    calibration rows; loads it), with ``energy`` then a fraction of the weighted norm, and add each
+    module's output error on those rows to the report."""
     if (rank is None) == (energy is None):
         raise SvdServeError("give exactly one of --max-rank K and --energy E")
     if rank is not None and rank < 1:
         raise SvdServeError(f"--max-rank must be at least 1, not {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
+    check_weighting(weighting, calib_data, True)
     inputs = [base, finetuned]
     check_out(out, inputs, overwrite)
     return_freed_memory()
@@ -58,7 +65,8 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
         raise SvdServeError(f"the fine-tune is a {tuned.architecture}, the base a {ckpt.architecture}")
     names = resolve_targets(ckpt.skeleton, targets)
     tuned_modules = dict(tuned.named_modules())
-    factors, errors, unchanged = {}, {}, 0
+    stats = truncation_weights(weighting, calib_data, finetuned, names)
+    factors, errors, unchanged, lowered = {}, {}, 0, {}
     for name in names:
         mod = tuned_modules.get(name)
         shape = ckpt.get_submodule(name).weight.shape
@@ -68,6 +76,10 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
         diff = tuned.weight(name).double() - ckpt.weight(name).double()
         if not diff.any():
             unchanged += 1
+            continue
+        if stats is not None:  # the weighted problem on factors (I, D) or (D, I) of the difference
+            lowered[name] = stats.compress(name, LowRank.of_dense(diff), rank, energy)
+            factors[name], errors[name] = lowered[name].factors, lowered[name].rel_error
             continue
         u, s, vh = torch.linalg.svd(diff, full_matrices=False)
         del diff
@@ -84,4 +96,5 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
     adapters.save(out, inputs, overwrite)
     return {"modules": len(factors), "unchanged": unchanged, "out": str(out),
             "rank": max(a.shape[0] for a, _ in factors.values()),
-            "max_rel_error": max(errors.values()), "rel_errors": errors, "other_changed": other}
+            "max_rel_error": max(errors.values()), "rel_errors": errors, "other_changed": other,
+            **({"weighting": weighting, "errors": module_errors(lowered)} if stats is not None else {})}

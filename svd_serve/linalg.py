@@ -178,6 +178,12 @@ class LowRank(NamedTuple):
         return LowRank(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts], dim=1))
 
     @staticmethod
+    def of_dense(d: Tensor) -> "LowRank":
+        """A dense ``[m, n]`` ΔW as factors ``(I, D)`` or ``(D, I)``, whichever has the smaller rank."""
+        m, n = d.shape
+        return LowRank(torch.eye(n, dtype=d.dtype), d) if n <= m else LowRank(d, torch.eye(m, dtype=d.dtype))
+
+    @staticmethod
     def from_svd(u: Tensor, s: Tensor, vh: Tensor, scale: float = 1.0) -> "LowRank":
         """``U diag(S) Vh = scale · B A`` with the singular values shared evenly between the factors:
         ``B = U √(S/scale)``, ``A = √(S/scale) Vh`` (PiSSA's split, and every balanced export)."""
@@ -203,6 +209,88 @@ def exact_rank(s: Tensor, rtol: float = 1e-6) -> int:
     return int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
 
 
+DAMP = 0.01  # default damping of weightings: a fraction of the mean weight added to every weight
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """Where a truncation's error is measured: ``‖D (ΔW − B'A') S‖_F`` instead of ``‖ΔW − B'A'‖_F``.
+
+    ``D = diag(rows)`` weights the output side (FWSVD: ``rows = √I``, ``I`` the Fisher row sums of
+    squared gradients); ``S`` the input side (activation-aware: ``S Sᵀ = C``, the covariance of the
+    module's inputs, so the error is the output error ``‖(ΔW − B'A') X‖_F / √N``). Either may be
+    None (the identity). The weighted problem is solved exactly in factor space: weigh the factors
+    (``D B``, ``A S``), truncate ``(D B)(A S)`` by Eckart–Young, unweigh (``D⁻¹ ·``, ``· S⁻¹``), which
+    needs D and S invertible: :meth:`fisher` and :meth:`activation` damp them.
+    """
+
+    rows: Tensor | None = None  # [m], > 0
+    cols: Tensor | None = None  # S [n, k]
+    cols_inv: Tensor | None = None  # S⁻¹ [k, n]
+    cov: Tensor | None = None  # C = S Sᵀ [n, n] instead of S: enough to measure (:meth:`norm`), not to truncate
+
+    @classmethod
+    def fisher(cls, row_sums: Tensor, damp: float = DAMP) -> "Weighting":
+        """``D = diag(√(I + damp·mean(I)))`` from Fisher row sums ``I [m]`` (a module the data never
+        reached, ``I = 0``, gets the identity)."""
+        i = row_sums.double().clamp_min(0)
+        mean = i.mean()
+        return cls(rows=(i + damp * mean).sqrt() if mean > 0 else torch.ones_like(i))
+
+    @classmethod
+    def activation(cls, cov: Tensor, damp: float | None = DAMP) -> "Weighting":
+        """``S = V diag(√λ)`` from the eigenpairs of :func:`damped` ``(C, damp)`` (so ``S Sᵀ = C +
+        damp·mean(diag C)·I``). ``damp=None``: ``C`` itself, for measuring only (``‖E S‖_F² = tr(E C Eᵀ)``, no
+        factorization)."""
+        if damp is None:
+            return cls(cov=cov.detach().double())
+        if not cov.diagonal().mean() > 0:
+            return cls()  # inputs the calibration data never reached: the plain truncation
+        lam, vecs = torch.linalg.eigh(damped(cov, damp))
+        root = lam.clamp_min(0).sqrt()
+        return cls(cols=vecs * root, cols_inv=(vecs / root).T.contiguous())
+
+    def __bool__(self) -> bool:
+        return self.rows is not None or self.cols is not None
+
+    def weigh(self, f: LowRank) -> LowRank:
+        """``(A S, D B)`` in float64."""
+        a, b = f.A.detach().double(), f.B.detach().double()
+        return LowRank(a @ self.cols if self.cols is not None else a,
+                       b * self.rows[:, None] if self.rows is not None else b)
+
+    def unweigh(self, f: LowRank) -> LowRank:
+        """``(A S⁻¹, D⁻¹ B)`` in float64."""
+        a, b = f.A.double(), f.B.double()
+        if self.cols is not None:
+            if self.cols_inv is None:
+                raise ValueError("this weighting measures only: S has no inverse")
+            a = a @ self.cols_inv
+        return LowRank(a, b / self.rows[:, None] if self.rows is not None else b)
+
+    def norm(self, f: LowRank) -> float:
+        """``‖D B A S‖_F`` without forming it (QR of both weighted factors, float64); with ``cov``,
+        ``√tr((D B)ᵀ(D B) · A C Aᵀ)``."""
+        if self.cov is not None:
+            a, b = f.A.detach().double(), f.B.detach().double()
+            b = b * self.rows[:, None] if self.rows is not None else b
+            return float(((b.T @ b) * (a @ self.cov.to(a.device) @ a.T)).sum().clamp_min(0).sqrt())
+        a, b = self.weigh(f)
+        rb = torch.linalg.qr(b, mode="r")[1]
+        ra = torch.linalg.qr(a.T, mode="r")[1]
+        return float(torch.linalg.norm(rb @ ra.T))
+
+
+def relative_error(exact: LowRank, approx: LowRank, weighting: Weighting | None = None) -> float:
+    """``‖D (BA − B'A') S‖_F / ‖D BA S‖_F`` in factor space (0.0 for a zero ΔW equal to its approximation;
+    the absolute error when ΔW is zero)."""
+    w = weighting if weighting is not None else Weighting()
+    diff = w.norm(LowRank(torch.cat([exact.A.double(), approx.A.double()]),
+                          torch.cat([exact.B.double(), -approx.B.double()], 1)))
+    ref = w.norm(exact)
+    return diff / ref if ref > 0 else diff
+
+
 @dataclass
 class Compressed:
     """What :func:`compress` returns: the factors and how they were chosen."""
@@ -211,6 +299,8 @@ class Compressed:
     sigma: Tensor  # singular values of B @ A, descending (all of them, before any truncation)
     rank: int  # components kept (0 for a zero ΔW, written as one zero component)
     rel_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F after truncation (0.0 when exact)
+    weighted_error: float = 0.0  # the same in the weighted norm that chose the components (= rel_error unweighted)
+    output_error: float | None = None  # ‖(ΔW − B A) X‖_F / ‖ΔW X‖_F on calibration inputs, where measured
 
     @property
     def A(self) -> Tensor:
@@ -221,15 +311,40 @@ class Compressed:
         return self.factors.B
 
 
-def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> Compressed:
+def keep_count(s: Tensor, max_rank: int | None = None, energy: float | None = None, rtol: float = 1e-6) -> int:
+    """How many of the descending singular values ``s`` a truncation keeps: all nonzero ones
+    (:func:`exact_rank`), at most ``max_rank``, or the fewest holding a fraction ``energy`` of ``Σ s²``."""
+    exact = exact_rank(s, rtol)
+    if energy is not None and exact:
+        e = s[:exact].double().square()
+        cum = (e.cumsum(0) / e.sum()).tolist()
+        return next((i + 1 for i, c in enumerate(cum) if c >= energy * (1 - 1e-12)), exact)
+    return exact if max_rank is None else min(exact, max_rank)
+
+
+def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6,
+             weighting: Weighting | None = None, energy: float | None = None) -> Compressed:
     """Rewrite ``ΔW = b @ a`` (``a [r, n]``, ``b [m, r]``) in its smallest exact rank
-    (:func:`factored_svd`, :func:`exact_rank`). With ``max_rank`` the best rank-``max_rank``
-    approximation (Eckart–Young) is returned with its relative Frobenius error.
+    (:func:`factored_svd`, :func:`exact_rank`). With ``max_rank`` (or ``energy``, the fewest components
+    holding that fraction of ``‖ΔW‖²``) the best approximation of that rank (Eckart–Young) is returned
+    with its relative Frobenius error. With a ``weighting`` the best one in the weighted norm
+    ``‖D (ΔW − B'A') S‖_F`` (:class:`Weighting`), exact in factor space; ``rel_error`` is still the
+    plain Frobenius error, ``weighted_error`` the weighted one.
     The result is balanced: ``A = √S Vᵀ``, ``B = U √S``, float32.
     """
+    if weighting:
+        u, s, vh = factored_svd(*weighting.weigh(LowRank(a, b)))
+        keep, exact = keep_count(s, max_rank, energy, rtol), exact_rank(s, rtol)
+        if keep > 0:
+            w_err = float(s[keep:exact].square().sum() / s.square().sum()) ** 0.5
+            kept = weighting.unweigh(LowRank.from_svd(u[:, :keep], s[:keep], vh[:keep]))
+            plain = compress(*kept)  # balanced factors of the same product
+            err = relative_error(LowRank(a, b), plain.factors) if keep < exact else 0.0
+            return Compressed(plain.factors, sigma=factored_svd(a, b)[1].float(), rank=plain.rank,
+                              rel_error=err, weighted_error=w_err)
     u, s, vh = factored_svd(a, b)
     exact = exact_rank(s, rtol)
-    keep = exact if max_rank is None else min(exact, max_rank)
+    keep = keep_count(s, max_rank, energy, rtol)
     total = float(s.square().sum())
     # only components dropped by max_rank count: the ones below rtol are zero, so exact means 0.0
     err = float(s[keep:exact].square().sum() / total) ** 0.5 if total > 0 else 0.0
@@ -237,7 +352,7 @@ def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e
     kept = s[:keep_nz] if keep > 0 else torch.zeros(1, dtype=s.dtype)
     a_new, b_new = LowRank.from_svd(u[:, :keep_nz], kept, vh[:keep_nz])
     return Compressed(LowRank(a_new.float().contiguous(), b_new.float().contiguous()),
-                      sigma=s.float(), rank=keep, rel_error=err)
+                      sigma=s.float(), rank=keep, rel_error=err, weighted_error=err)
 
 
 @torch.no_grad()

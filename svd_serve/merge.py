@@ -24,10 +24,11 @@ from torch import Tensor
 
 from .adapter import AdapterSet, delta_adapter
 from .atlas import AtlasSettings, learn
+from .calib import check_weighting, lower_rank, module_errors, truncation_weights
 from .weights import Weights, parse_size, return_freed_memory, write_folded
 from .errors import SvdServeError
 from .io import atomic_dir, check_out
-from .linalg import LowRank, compress, exact_rank, factored_svd
+from .linalg import LowRank, exact_rank, factored_svd
 from .model import linear_names
 
 Merged = LowRank | Tensor  # a merged ΔW: factors, or the dense [m, n] matrix of an element-wise merge
@@ -49,10 +50,7 @@ def concat(factors: list[LowRank], coeffs: list[float]) -> LowRank:
 
 def as_factors(delta: Merged) -> LowRank:
     """A merged ΔW as factors: a dense ``[m, n]`` one as ``(I, D)`` or ``(D, I)``, whichever is smaller."""
-    if isinstance(delta, LowRank):
-        return delta
-    m, n = delta.shape
-    return LowRank(torch.eye(n), delta) if n <= m else LowRank(delta, torch.eye(m))
+    return delta if isinstance(delta, LowRank) else LowRank.of_dense(delta)
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
@@ -221,14 +219,19 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
           fold: bool = False, rank: int | None = None, shared: str = "ties",
           max_shard_size: int | str | None = None, overwrite: bool = False,
-          atlas: AtlasSettings | None = None) -> dict:
+          atlas: AtlasSettings | None = None, weighting: str = "none", calib_data: str | Path | None = None) -> dict:
     """Merge native adapters of one base; returns a report (output kind, ranks, errors). ``atlas``:
-    how ``method="atlas"`` learns its coefficients (``seed`` orders its data).
+    how ``method="atlas"`` learns its coefficients (``seed`` orders its data). ``weighting`` and
+    ``calib_data`` choose how ``rank`` truncates the merged ΔW and the twin residuals
+    (:func:`svd_serve.calib.truncation_weights`: the statistics of the base on the calibration rows,
+    as the merged model does not exist before the merge; loads the model) and add each module's output
+    error on those rows to the report.
 
     The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
     written, or atlas trains on it), and each module is merged just before it is needed, so memory
     holds the adapters and one module's merge at a time."""
     weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed, atlas)
+    check_weighting(weighting, calib_data, rank is not None)
     max_shard_size = parse_size(max_shard_size)
     inputs = [base, *adapter_dirs, *([atlas.data] if atlas else [])]
     check_out(out, inputs, overwrite)
@@ -248,6 +251,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     params = MergeParams(weights=weights, density=density, lam=lam,
                          generator=torch.Generator().manual_seed(seed))
     merge_fn = MERGES.get(shared if method == "twin" else method)
+    stats = truncation_weights(weighting, calib_data, base, modules) if rank is not None else None
 
     def task_vectors(name: str) -> list[LowRank]:
         """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
@@ -273,10 +277,10 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         report["kind"] = "checkpoint"
         return report
     if method != "twin":
-        lows = {name: compress(*as_factors(merged(name)), max_rank=rank) for name in modules}
+        lows = {name: lower_rank(stats, name, as_factors(merged(name)), rank) for name in modules}
         delta_adapter({n: lr.factors for n, lr in lows.items()}, ckpt.architecture,
                       ckpt.fingerprint(modules), str(base)).save(out, inputs, overwrite)
-        report.update(kind="adapter", **_rank_report(lows))
+        report.update(kind="adapter", **_rank_report(lows, stats))
         return report
 
     # twin: the shared merge becomes the new base; each task keeps its residual τ_t − ΔW* at --rank
@@ -286,7 +290,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
         shared_delta = merged(name)
         sa, sb = as_factors(shared_delta)
         for t, (a, b) in enumerate(task_vectors(name)):
-            residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
+            residuals[t][name] = lower_rank(stats, name, LowRank(torch.cat([a, sa]), torch.cat([b, -sb], 1)), rank)
         return shared_delta
 
     with atomic_dir(out, inputs, overwrite) as tmp:
@@ -299,10 +303,10 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
             name = Path(path).name
             delta_adapter({n: lr.factors for n, lr in res.items()}, ckpt.architecture, new_base,
                           str(Path(out) / "base")).save(tmp / "adapters" / name)
-            report["adapters"][name] = _rank_report(res)
+            report["adapters"][name] = _rank_report(res, stats)
     return report
 
 
-def _rank_report(lows: dict) -> dict:
-    return {"rank": max(lr.rank for lr in lows.values()),
-            "max_rel_error": max(lr.rel_error for lr in lows.values())}
+def _rank_report(lows: dict, stats) -> dict:
+    return {"rank": max(lr.rank for lr in lows.values()), "max_rel_error": max(lr.rel_error for lr in lows.values()),
+            **({"weighting": stats.kind, "errors": module_errors(lows)} if stats is not None else {})}

@@ -9,11 +9,11 @@
       setup          base → targets → (calibrate) → adapter, fresh, a checkpoint's or given
                      → init health check (a fresh adapter)
                      → AdamW over the adapter only → the run's state (fresh or the checkpoint's)
-      fit            per step: lr → one global batch (all accumulation steps, all ranks), loss =
-                     Σ masked cross-entropy / target tokens of the whole global batch + the method's
-                     regularizer → gradients summed over ranks → clip → step → the method's hook
-                     (and a fresh optimizer state for what the hook re-factorised)
-                     → record, evaluate, checkpoint (checkpoint.py)
+      fit            per step: lr → one global batch (all accumulation steps, all ranks) of every
+                     data part, loss = Σ_parts weight · Σ masked loss / target tokens of the part's
+                     whole global batch + the method's regularizer → gradients summed over ranks
+                     → clip → step → the method's hook (and a fresh optimizer state for what the
+                     hook re-factorised) → record, evaluate, checkpoint (checkpoint.py)
       finish         the final adapter at ``out``, the loss plot
 
 A micro-batch's examples are packed into fewer rows of the same width (positions restarting at 0
@@ -21,6 +21,12 @@ for each) when a check at the start shows the model keeps them apart; otherwise 
 The data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
 uninterrupted run would have seen, and any split of a global batch into ranks × accumulation steps ×
 micro-batches gives the same update.
+
+The data mode decides the parts (:class:`Part`) and the loss of each (:data:`LOSSES`): ``--data``
+is one part with cross-entropy; unlearning (``--forget-data``) is a forget part with LoKU's inverted
+hinge loss and, with ``--retain-data``, a retain part with cross-entropy. Every step takes one global
+batch of each part (``--batch-size`` rows per process and accumulation step, each part in its own
+seeded order); epochs count the first part.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .adapter import AdapterSet, make_options, parse_option_values
-from .calib import input_covariances
+from .calib import calibrate
 from .checkpoint import TrainState
 from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split, where
 from .distributed import Processes, check_device
@@ -66,8 +72,8 @@ class TrainConfig:
     """Every setting of a run, with its default (the CLI and config files read these defaults)."""
 
     base: str
-    data: str
     out: str
+    data: str | None = None  # JSONL to learn (cross-entropy); or forget_data
     # adapter
     method: str = DEFAULT_METHOD
     rank: int | None = None  # = options["rank"] (None: the method's default)
@@ -76,6 +82,12 @@ class TrainConfig:
     options: dict = field(default_factory=dict)  # the method's options, e.g. {"ratio": 0.2}
     reg: dict = field(default_factory=dict)  # its regularizer weights only, e.g. {"beta": 1e-3}
     calib_data: str | None = None
+    # unlearning, instead of data: the forget rows' targets are pushed down (inverted hinge loss), the
+    # retain rows' kept (cross-entropy); each step one global batch of each, the losses weighted
+    forget_data: str | None = None
+    retain_data: str | None = None
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
     # data
     max_length: int = 512
     pack: bool = False
@@ -136,7 +148,9 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         values["max_grad_norm"] = None  # 0 turns clipping off
     if "max_init_loss_increase" in values:  # a number, or 0 / inf / off (YAML reads off as false)
         values["max_init_loss_increase"] = parse_limit(values["max_init_loss_increase"])
-    missing = [k for k in ("base", "data", "out") if not values.get(k)]
+    missing = [k for k in ("base", "out") if not values.get(k)]
+    if not values.get("data") and not values.get("forget_data"):
+        missing.append("data (or --forget-data)")
     if missing:
         raise SvdServeError(f"missing {', '.join('--' + k for k in missing)} (as flags or in --config)")
     for key in ("options", "reg"):  # ["beta=1e-3"] strings or {"beta": 1e-3} mappings
@@ -227,17 +241,35 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 # --- the loss --------------------------------------------------------------------------------------
-def loss_sum(model: nn.Module, batch: dict, device="cpu", autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ cross-entropy over target tokens (float32) and their count. The output head runs only at
-    the positions that predict a target (:func:`_logits` with ``at``): on chat rows most positions
-    carry no loss, and the head is the widest layer of a small model (a fifth of SmolLM2-135M's
-    forward FLOPs per token). A :func:`collate_packed` batch has position ids and no attention mask (and
-    must have no cache: one would hide the boundaries between its examples)."""
+def inverted_hinge(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """LoKU's inverted hinge loss summed over tokens: ``Σ_t 1 + p(y_t) − max_{v≠y_t} p(v)`` with
+    ``p = softmax(logits_t)``. It lowers the target token and raises its strongest rival, so the model
+    says something else fluent instead; bounded in [0, 2] (unlike gradient ascent on the likelihood),
+    it stops pushing a token once another one is more likely."""
+    p = logits.softmax(-1)
+    target = p.gather(1, labels[:, None])[:, 0]
+    rival = p.scatter(1, labels[:, None], -1.0).amax(1)  # probabilities are >= 0: -1 is never the max
+    return (1 + target - rival).sum()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": lambda logits, labels: F.cross_entropy(logits, labels, reduction="sum"),
+    "ihl": inverted_hinge,
+}
+
+
+def loss_sum(model: nn.Module, batch: dict, device="cpu", autocast=nullcontext,
+             loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ ``loss`` (:data:`LOSSES`; cross-entropy by default) over target tokens (float32) and their
+    count. The output head runs only at the positions that predict a target (:func:`_logits` with
+    ``at``): on chat rows most positions carry no loss, and the head is the widest layer of a small
+    model (a fifth of SmolLM2-135M's forward FLOPs per token). A :func:`collate_packed` batch has
+    position ids and no attention mask (and must have no cache: one would hide the boundaries between
+    its examples)."""
     labels = batch["labels"].to(device)
     targets = labels[:, 1:] != IGNORE  # position t predicts token t + 1
     logits = _logits(model, batch, device, autocast, at=F.pad(targets, (0, 1)))
-    ce = F.cross_entropy(logits.float(), labels[:, 1:][targets], reduction="sum")
-    return ce, targets.sum()
+    return LOSSES[loss](logits.float(), labels[:, 1:][targets]), targets.sum()
 
 
 def _logits(model, batch, device, autocast, at: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,6 +315,21 @@ def packing_is_exact(model, examples, pad_id, device="cpu", autocast=nullcontext
 
 # --- the run ---------------------------------------------------------------------------------------
 @dataclass
+class Part:
+    """One stream of training examples, the loss taken on its targets (a key of :data:`LOSSES`) and
+    its weight in the step's loss."""
+
+    name: str
+    examples: list[Example]
+    loss: str = "ce"
+    weight: float = 1.0
+
+    @property
+    def n_targets(self) -> int:
+        return sum(e.n_targets for e in self.examples)
+
+
+@dataclass
 class Run:
     """What the phases share: built by :func:`setup`. Only ``state`` (and the adapter) is saved."""
 
@@ -293,7 +340,7 @@ class Run:
     adapters: AdapterSet
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    examples: list[Example]
+    parts: list[Part]  # the data mode's training data: [--data], or [--forget-data, --retain-data]
     evals: list[Example]
     make_batch: Callable[[list[Example]], dict]
     autocast: Callable
@@ -308,8 +355,13 @@ class Run:
     def total_steps(self) -> int:
         return self.state.total_steps
 
-    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return loss_sum(self.model, batch, self.procs.device, self.autocast)
+    @property
+    def examples(self) -> list[Example]:
+        """The first part's examples (the only ones outside unlearning): epochs count these."""
+        return self.parts[0].examples
+
+    def loss_sum(self, batch: dict, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_sum(self.model, batch, self.procs.device, self.autocast, loss)
 
 
 def train(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Path:
@@ -351,8 +403,15 @@ def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Option
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
         raise SvdServeError("give --eval-data or --eval-split, not both")
+    if cfg.data and cfg.forget_data:
+        raise SvdServeError("give --data (to learn) or --forget-data (to unlearn), not both")
+    if cfg.retain_data and not cfg.forget_data:
+        raise SvdServeError("--retain-data goes with --forget-data (unlearning)")
+    if cfg.forget_data and cfg.eval_split:
+        raise SvdServeError("--eval-split splits --data; to evaluate an unlearning run give --eval-data")
     opts = method_options(cfg) if given is None else None
-    if given is None and method.needs_calibration_for(opts) and not cfg.calib_data and not cfg.resume:
+    if (given is None and method.needs_calibration_for(opts) and not cfg.calib_data and not cfg.forget_data
+            and not cfg.resume):
         raise SvdServeError(f"method {cfg.method} needs --calib-data" + (
             " with select=activation" if getattr(opts, "select", None) == "activation" else ""))
     if cfg.dtype not in DTYPES:
@@ -368,7 +427,8 @@ def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Option
     if cfg.seed >= 2**32:
         raise SvdServeError(f"--seed must be below 2**32, not {cfg.seed}")
     for name, low, strict in (("lr", 0, True), ("epochs", 0, True), ("warmup", 0, False),
-                              ("weight_decay", 0, False), ("max_grad_norm", 0, False)):
+                              ("weight_decay", 0, False), ("max_grad_norm", 0, False),
+                              ("forget_weight", 0, True), ("retain_weight", 0, False)):
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise SvdServeError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
@@ -378,25 +438,27 @@ def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Option
 
 
 class Rows(NamedTuple):
-    train: list[dict]
+    train: list[dict]  # --data, or --forget-data
     eval: list[dict] | None  # --eval-data, or --eval-split of the data
-    calib: list[dict] | None  # --calib-data of a fresh run
+    calib: list[dict] | None  # calibration of a fresh run: --calib-data, else the forget rows
+    retain: list[dict] | None  # --retain-data
     tokenizer: object
-    examples: list[Example]  # the training rows, tokenized
+    parts: list[Part]  # the training rows of each data part, tokenized
     evals: list[Example]  # the evaluation rows, tokenized
 
 
 def read_data(cfg: TrainConfig, say: Callable = print) -> Rows:
     """The rows of every data file, and the training and evaluation rows tokenized: bad data is
     refused here, before the base is loaded and before anything is written."""
-    rows = read_jsonl(cfg.data)
+    rows = read_jsonl(cfg.data or cfg.forget_data)
     eval_rows = read_jsonl(cfg.eval_data) if cfg.eval_data else None
     if cfg.eval_split:
         rows, eval_rows = split(rows, cfg.eval_split, cfg.seed)
-    calib = read_jsonl(cfg.calib_data) if cfg.calib_data and not cfg.resume else None
+    calib = None if cfg.resume else read_jsonl(cfg.calib_data) if cfg.calib_data else rows if cfg.forget_data else None
+    retain = read_jsonl(cfg.retain_data) if cfg.retain_data else None
     tokenizer = load_tokenizer(cfg.base)
-    examples, evals = encode_examples(cfg, tokenizer, rows, eval_rows or [], say)
-    return Rows(rows, eval_rows, calib, tokenizer, examples, evals)
+    parts, evals = encode_examples(cfg, tokenizer, rows, retain, eval_rows or [], say)
+    return Rows(rows, eval_rows, calib, retain, tokenizer, parts, evals)
 
 
 def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
@@ -407,7 +469,8 @@ def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
     if cfg.resume and resume_from is None:
         raise SvdServeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if not cfg.resume:
-        checkpoint.prepare_out(out, [cfg.base, cfg.data, cfg.eval_data, cfg.calib_data], cfg.overwrite,
+        checkpoint.prepare_out(out, [cfg.base, cfg.data, cfg.forget_data, cfg.retain_data, cfg.eval_data,
+                                     cfg.calib_data], cfg.overwrite,
                                remove=procs.master)
     if procs.master:
         check_writable(out)
@@ -419,7 +482,7 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
     """The base, the examples, the adapter attached to the base (fresh, the checkpoint's, or the given
     ``adapters``, checked against this base), the optimizer, and the state to start from."""
     dtype = DTYPES[cfg.dtype]
-    tokenizer, examples, evals = rows.tokenizer, rows.examples, rows.evals
+    tokenizer, parts, evals = rows.tokenizer, rows.parts, rows.evals
     model = load_base(cfg.base, dtype)
     given = adapters is not None
     if given:
@@ -427,7 +490,7 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
     elif resume_from is not None:
         adapters = resume_adapter(cfg, model, resume_from)
     else:
-        adapters = new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master)
+        adapters = new_adapter(cfg, opts, model, tokenizer, rows, progress=cfg.progress and procs.master)
     model.requires_grad_(False)
     adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
     if cfg.absorb_frozen:
@@ -438,7 +501,7 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
     model.config.use_cache = False
     autocast = functools.partial(torch.autocast, procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    packed = packing_is_exact(model, examples, pad_id, procs.device, autocast)  # fewer rows, same loss
+    packed = packing_is_exact(model, parts[0].examples, pad_id, procs.device, autocast)  # fewer rows, same loss
     make_batch = functools.partial(collate_packed if packed else collate, pad_id=pad_id)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -450,8 +513,9 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     size = cfg.batch_size * cfg.grad_accum * procs.world  # examples per optimizer step, all ranks together
-    state = TrainState(global_batch=size, data=[len(examples), sum(e.n_targets for e in examples)],
-                       total_steps=cfg.steps or max(1, round((cfg.epochs or 1) * math.ceil(len(examples) / size))),
+    n_first = len(parts[0].examples)  # epochs count the first part
+    state = TrainState(global_batch=size, data=[x for p in parts for x in (len(p.examples), p.n_targets)],
+                       total_steps=cfg.steps or max(1, round((cfg.epochs or 1) * math.ceil(n_first / size))),
                        config=dataclasses.asdict(cfg))
     if resume_from is not None:
         saved = checkpoint.load_state(resume_from)
@@ -464,7 +528,7 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
         procs.say(f"resumed from {resume_from} at step {state.step}")
     # a fresh adapter must keep the base intact (health.py): checked before anything is written
     health = None if resume_from is not None or given else check_init(
-        model, adapters, evals or examples, pad_id, functools.partial(loss_sum, model, device=procs.device,
+        model, adapters, evals or parts[0].examples, pad_id, functools.partial(loss_sum, model, device=procs.device,
                                                                       autocast=autocast),
         cfg.batch_size, cfg.max_init_loss_increase, procs.say)
     if procs.master:
@@ -475,24 +539,38 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
         if health is not None:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(health.record()) + "\n")
-    return Run(cfg, procs, model, tokenizer, adapters, params, optimizer, examples, evals, make_batch, autocast,
+    return Run(cfg, procs, model, tokenizer, adapters, params, optimizer, parts, evals, make_batch, autocast,
                state, resume_from)
 
 
-def encode_examples(cfg: TrainConfig, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                    say: Callable) -> tuple[list[Example], list[Example]]:
-    examples = [encode(r, tokenizer, cfg.max_length) for r in train_rows]
-    evals = [encode(r, tokenizer, cfg.max_length) for r in eval_rows]
-    truncated = sum(e.truncated for e in examples) + sum(e.truncated for e in evals)
+def encode_examples(cfg: TrainConfig, tokenizer, train_rows: list[dict], retain_rows: list[dict] | None,
+                    eval_rows: list[dict], say: Callable) -> tuple[list[Part], list[Example]]:
+    """The data mode's parts (the training rows, or the forget and retain rows, each with its loss and
+    weight) and the evaluation examples."""
+    def enc(rows):
+        return [encode(r, tokenizer, cfg.max_length) for r in rows]
+
+    if cfg.forget_data:
+        sources = [(Part("forget", enc(train_rows), "ihl", cfg.forget_weight), train_rows)]
+        if retain_rows:
+            sources.append((Part("retain", enc(retain_rows), "ce", cfg.retain_weight), retain_rows))
+    else:
+        sources = [(Part("train", enc(train_rows)), train_rows)]
+    evals = enc(eval_rows)
+    every = [e for p, _ in sources for e in p.examples] + evals
+    truncated = sum(e.truncated for e in every)
     if truncated:
-        say(f"note: {truncated} of {len(examples) + len(evals)} rows truncated to --max-length {cfg.max_length}")
-    for what, rows, encoded in (("training", train_rows, examples), ("evaluation", eval_rows, evals)):
-        check_targets(what, rows, encoded, cfg.max_length, say)
+        say(f"note: {truncated} of {len(every)} rows truncated to --max-length {cfg.max_length}")
+    for part, rows in sources:
+        check_targets("training" if part.name == "train" else part.name, rows, part.examples, cfg.max_length, say)
+    check_targets("evaluation", eval_rows, evals, cfg.max_length, say)
+    parts = [p for p, _ in sources]
     if cfg.pack:
-        n_rows = len(examples)
-        examples = pack(examples, cfg.max_length)
-        say(f"packed {n_rows} rows into {len(examples)} rows of at most {cfg.max_length} tokens")
-    return examples, evals
+        for p in parts:
+            n_rows = len(p.examples)
+            p.examples = pack(p.examples, cfg.max_length)
+            say(f"packed {n_rows} rows into {len(p.examples)} rows of at most {cfg.max_length} tokens")
+    return parts, evals
 
 
 def check_targets(what: str, rows: list[dict], examples: list[Example], max_length: int, say: Callable) -> None:
@@ -511,11 +589,17 @@ def check_targets(what: str, rows: list[dict], examples: list[Example], max_leng
         f"to the loss ({why}; first: {first})")
 
 
-def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, calib: list[dict] | None,
+def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, rows: Rows,
                 progress: bool) -> AdapterSet:
+    """A fresh adapter; a method that needs calibration gets its statistic over the calibration rows
+    (a Fisher relative to the retain rows' in an unlearning run with --retain-data)."""
     targets = resolve_targets(model, cfg.targets)
-    covs = input_covariances(model, targets, calib, tokenizer, cfg.max_length) if calib else None
-    return AdapterSet.create(model, cfg.method, opts, targets, cfg.targets, covs, base_model=str(cfg.base),
+    method = get_method(cfg.method)
+    stats = None
+    if method.needs_calibration_for(opts) and rows.calib:
+        stats = calibrate(method.statistic, model, targets, rows.calib, tokenizer, cfg.max_length,
+                          reference=rows.retain)
+    return AdapterSet.create(model, cfg.method, opts, targets, cfg.targets, stats, base_model=str(cfg.base),
                              progress=progress)
 
 
@@ -569,19 +653,23 @@ def train_step(run: Run, step: int) -> tuple[dict, int]:
     lr = lr_at(step, cfg, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    ids = global_batch(step, len(run.examples), run.state.global_batch, cfg.seed)
-    n_targets = max(1, sum(run.examples[i].n_targets for i in ids))  # of the whole global batch
-    ce_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
+    # each part: its global batch (own seeded order) and target tokens (of the whole global batch)
+    batches = [global_batch(step, len(p.examples), run.state.global_batch, cfg.seed + k) for k, p in enumerate(run.parts)]
+    n_targets = [max(1, sum(p.examples[i].n_targets for i in ids)) for p, ids in zip(run.parts, batches)]
+    sums = torch.zeros(len(run.parts), dtype=torch.float64, device=procs.device)
     reg = None
     for micro in range(cfg.grad_accum):
         first = (micro * procs.world + procs.rank) * cfg.batch_size
-        ce, _ = run.loss_sum(run.make_batch([run.examples[i] for i in ids[first:first + cfg.batch_size]]))
-        loss = ce / n_targets
-        if micro == cfg.grad_accum - 1 and (reg := run.adapters.regularizer()) is not None:
-            loss = loss + reg / procs.world  # once per update, over all ranks together
-        loss.backward()
-        ce_sum += ce.detach().double()
-    ce_sum = procs.sum_grads_(run.params, ce_sum)
+        for k, (part, ids) in enumerate(zip(run.parts, batches)):
+            value, _ = run.loss_sum(run.make_batch([part.examples[i] for i in ids[first:first + cfg.batch_size]]),
+                                    part.loss)
+            loss = part.weight * value / n_targets[k]
+            last = micro == cfg.grad_accum - 1 and k == len(run.parts) - 1
+            if last and (reg := run.adapters.regularizer()) is not None:
+                loss = loss + reg / procs.world  # once per update, over all ranks together
+            loss.backward()
+            sums[k] += value.detach().double()
+    sums = procs.sum_grads_(run.params, sums)
     grads = [p.grad for p in run.params if p.grad is not None]
     grad_norm = (torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True) if cfg.max_grad_norm
                  else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
@@ -590,13 +678,16 @@ def train_step(run: Run, step: int) -> tuple[dict, int]:
     for p in run.adapters.pop_stale():  # re-factorised by the hook: the optimizer starts their state afresh
         run.optimizer.state.pop(p, None)
     run.optimizer.zero_grad(set_to_none=True)
-    record = {"loss": ce_sum.item() / n_targets, "lr": lr, "grad_norm": float(grad_norm)}
+    means = [v / n for v, n in zip(sums.tolist(), n_targets)]
+    record = {"loss": sum(p.weight * m for p, m in zip(run.parts, means)), "lr": lr, "grad_norm": float(grad_norm)}
+    if len(run.parts) > 1:
+        record.update({f"{p.name}_loss": m for p, m in zip(run.parts, means)})
     if reg is not None:  # at the parameters the loss was taken at
         record["reg"] = reg.item()
     if not math.isfinite(record["loss"]):
         raise SvdServeError(f"the loss is {record['loss']} at step {step + 1}; lower --lr or use float32 "
                             f"(the last checkpoint, if any, is intact)")
-    return record, sum(len(run.examples[i].input_ids) for i in ids)
+    return record, sum(len(p.examples[i].input_ids) for p, ids in zip(run.parts, batches) for i in ids)
 
 
 @torch.no_grad()

@@ -71,10 +71,11 @@ def trained_adapter(tiny_model, qa_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def env(tiny_model):
-    """``env(arch)``: the base model, its all-linear targets, calibration covariances, fixed inputs."""
+    """``env(arch)``: the base model, its all-linear targets, calibration covariances and Fisher rows,
+    fixed inputs."""
     from transformers import AutoTokenizer
 
-    from svd_serve.calib import input_covariances
+    from svd_serve.calib import fisher_rows, input_covariances
     from svd_serve.model import load_base, resolve_targets
     from svd_serve.tiny import CORPUS
 
@@ -86,9 +87,11 @@ def env(tiny_model):
             model = load_base(path)
             targets = resolve_targets(model, "all-linear")
             tok = AutoTokenizer.from_pretrained(path)
-            covs = input_covariances(model, targets, [{"text": t} for t in CORPUS[:8]], tok)
+            rows = [{"text": t} for t in CORPUS[:8]]
+            covs = input_covariances(model, targets, rows, tok)
+            fisher = fisher_rows(model, targets, rows, tok)
             ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-            cache[arch] = Env(path, model, targets, covs, ids, logits(model, ids))
+            cache[arch] = Env(path, model, targets, covs, fisher, ids, logits(model, ids))
         return cache[arch]
 
     return get

@@ -93,18 +93,18 @@ def perturb(adapters: AdapterSet, seed: int = 0, scale: float = 0.05) -> None:
 def make_adapter(base, out, method: str = "lora", rank: int = 4, targets: str = "q_proj,v_proj",
                  seed: int = 0, scale: float = 0.05) -> Path:
     """An adapter as if trained (:func:`perturb`), saved at ``out`` (returned). Methods that need
-    calibration get covariances over a few fixed sentences."""
+    calibration get their statistic over a few fixed sentences."""
     from transformers import AutoTokenizer
 
-    from svd_serve.calib import input_covariances
+    from svd_serve.calib import calibrate
 
     model = load_base(base)
     names = resolve_targets(model, targets)
-    covs = None
+    stats = None
     if METHODS[method].needs_calibration:
         rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
-        covs = input_covariances(model, names, rows, AutoTokenizer.from_pretrained(base))
-    adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, covs,
+        stats = calibrate(METHODS[method].statistic, model, names, rows, AutoTokenizer.from_pretrained(base))
+    adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, stats,
                                  progress=False)
     perturb(adapters, seed, scale)
     return adapters.save(out)
@@ -125,6 +125,7 @@ class Env:
     model: torch.nn.Module
     targets: list[str]
     covs: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor]
     ids: torch.Tensor
     base_logits: torch.Tensor
 
@@ -143,7 +144,7 @@ def create(e: Env, method: str, rank: int = 4, **options) -> tuple[torch.nn.Modu
     method has one)."""
     model = copy.deepcopy(e.model)
     opts = make_options(method, **{**vars(sweep_options(method, rank=rank)), **options})
-    covs = e.covs if METHODS[method].needs_calibration_for(opts) else None
-    adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", covs, base_model=str(e.path),
+    stats = {"covariance": e.covs, "fisher": e.fisher}[METHODS[method].statistic] if METHODS[method].needs_calibration_for(opts) else None
+    adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", stats, base_model=str(e.path),
                                  progress=False)
     return adapters.attach(model), adapters

@@ -127,7 +127,7 @@ def smol_check(smol, method: str, **options):
     _, base, tok, targets, covs, examples = smol
     model = copy.deepcopy(base)
     opts = make_options(method, rank=8, **options)
-    adapters = AdapterSet.create(model, method, opts, targets, covariances=covs, progress=False)
+    adapters = AdapterSet.create(model, method, opts, targets, statistics=covs, progress=False)
     adapters.attach(model)
     absorb_frozen(model)  # as the training loop runs it
     health = check_init(model, adapters, examples, tok.pad_token_id,

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from svd_serve.linalg import compress, damped, gram_components, leading_qr, minor_svd, top_svd
+from svd_serve.linalg import (LowRank, Weighting, compress, damped, gram_components, keep_count, leading_qr,
+                               minor_svd, relative_error, top_svd)
 
 SHAPES = {"tall": (48, 20), "wide": (20, 48), "square": (32, 32)}
 
@@ -144,6 +145,81 @@ def test_compress_of_zero_delta_is_one_zero_component():
     lr = compress(torch.zeros(4, 10), torch.zeros(12, 4))
     assert lr.rank == 0 and lr.rel_error == 0.0
     assert lr.A.shape == (1, 10) and lr.B.shape == (12, 1) and not lr.A.any() and not lr.B.any()
+
+
+# --- weighted truncation ----------------------------------------------------------------------------
+def weighted_problem(m=40, n=30, r=6):
+    """Factors of a rank-6 ΔW, a row weighting with a 100x spread and an anisotropic input covariance."""
+    a, b = randn(r, n), randn(m, r, seed=1)
+    fisher = torch.logspace(-2, 2, m, dtype=torch.float64)[torch.randperm(m, generator=torch.Generator().manual_seed(2))]
+    x = randn(500, n, seed=3).double() * torch.logspace(-1, 1, n, dtype=torch.float64)
+    return a, b, fisher, x.T @ x / x.shape[0]
+
+
+WEIGHTINGS = {
+    "fisher": lambda f, c: Weighting.fisher(f),
+    "activation": lambda f, c: Weighting.activation(c),
+    "both": lambda f, c: Weighting(rows=Weighting.fisher(f).rows, cols=Weighting.activation(c).cols,
+                                   cols_inv=Weighting.activation(c).cols_inv),
+}
+
+
+@pytest.mark.parametrize("kind", WEIGHTINGS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_weighted_compress_is_the_weighted_eckart_young_optimum(kind, k):
+    """Against the dense weighted problem: SVD of D ΔW S, truncated, unweighted. The weighted error is
+    the smallest possible (the tail of D ΔW S), the plain error is larger than plain truncation's."""
+    a, b, fisher, cov = weighted_problem()
+    w = WEIGHTINGS[kind](fisher, cov)
+    c = compress(a, b, max_rank=k, weighting=w)
+    dense = b.double() @ a.double()
+    d = w.rows if w.rows is not None else torch.ones(dense.shape[0], dtype=torch.float64)
+    s_root = w.cols if w.cols is not None else torch.eye(dense.shape[1], dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(d[:, None] * dense @ s_root)
+    best = ((u[:, :k] * s[:k]) @ vh[:k]) / d[:, None] @ torch.linalg.inv(s_root)
+    approx = c.B.double() @ c.A.double()
+    assert c.rank == k and c.A.shape == (k, dense.shape[1]) and c.B.shape == (dense.shape[0], k)
+    assert (approx - best).abs().max() <= 1e-5 * dense.abs().max()
+    assert c.weighted_error == pytest.approx(float(s[k:].norm() / s.norm()), rel=1e-6)
+    assert c.rel_error == pytest.approx(float(torch.linalg.norm(dense - approx) / torch.linalg.norm(dense)), rel=1e-5)
+    assert c.rel_error > compress(a, b, max_rank=k).rel_error  # the weighting traded plain error ...
+    plain = compress(a, b, max_rank=k)  # ... for its own norm
+    assert c.weighted_error < relative_error(LowRank(a, b), plain.factors, w)
+    assert torch.allclose(c.sigma.double(), torch.linalg.svdvals(dense)[:6].float().double(), rtol=1e-5)
+
+
+def test_weighted_compress_without_truncation_is_exact():
+    a, b, fisher, cov = weighted_problem()
+    c = compress(a, b, weighting=Weighting.activation(cov))
+    dense = b.double() @ a.double()
+    assert c.rank == 6 and c.rel_error == 0.0 == c.weighted_error
+    assert (c.B.double() @ c.A.double() - dense).abs().max() <= 1e-5 * dense.abs().max()
+
+
+def test_output_error_is_measured_on_the_inputs():
+    """``Weighting.activation(C, damp=None)``: ``‖E S‖_F = ‖E X‖_F / √N`` exactly, in factor space."""
+    a, b, _, _ = weighted_problem()
+    x = randn(50, 30, seed=4).double()
+    measure = Weighting.activation(x.T @ x / 50, damp=None)
+    c = compress(a, b, max_rank=2)
+    dense, approx = b.double() @ a.double(), c.B.double() @ c.A.double()
+    expected = torch.linalg.norm((dense - approx) @ x.T) / torch.linalg.norm(dense @ x.T)
+    assert relative_error(LowRank(a, b), c.factors, measure) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_degenerate_weights_fall_back_to_the_identity():
+    """A module the calibration data never reached (zero Fisher, zero covariance) is truncated plainly."""
+    a, b = randn(4, 30), randn(40, 4, seed=1)
+    plain = compress(a, b, max_rank=2)
+    for w in (Weighting.fisher(torch.zeros(40)), Weighting.activation(torch.zeros(30, 30))):
+        c = compress(a, b, max_rank=2, weighting=w)
+        assert c.rel_error == pytest.approx(plain.rel_error, rel=1e-6)
+
+
+def test_energy_keeps_the_fewest_components():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert keep_count(s, energy=9 / 14) == 1 and keep_count(s, energy=0.7) == 2 and keep_count(s, energy=1.0) == 3
+    assert keep_count(s, max_rank=2) == 2 and keep_count(s) == 3
 
 
 # --- activation-aware minor components (linalg.output_minor) -----------------------------------------

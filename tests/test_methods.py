@@ -130,7 +130,8 @@ def test_max_rank_reports_its_error(method, env, tmp_path):
     assert max(errors.values()) > 1e-3  # rank k really truncates here
 
 
-def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts, scale: float = 1.0) -> torch.Tensor:
+def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts, scale: float = 1.0,
+                   fisher: torch.Tensor | None = None) -> torch.Tensor:
     """What the method's paper takes out of (or keeps of) ``W`` at init, densely in float64."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = RANK
@@ -142,6 +143,10 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts, scale:
         u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
         picked = slice(0, r) if method == "corda-ipa" else slice(-r, None)
         return (u[:, picked] * s[picked]) @ vh[picked] @ inv
+    if method == "loku":  # FILA: the best rank-r approximation in the Fisher-weighted norm
+        d = (fisher + 0.01 * fisher.mean()).sqrt()
+        u, s, vh = torch.linalg.svd(d[:, None] * w, full_matrices=False)
+        return ((u[:, :r] * s[:r]) @ vh[:r]) / d[:, None]
     if method in ("pissa", "sorsa", "svfit"):
         return (u[:, :r] * s[:r]) @ vh[:r]
     if method in ("milora", "soma"):
@@ -156,7 +161,7 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts, scale:
 
 @pytest.mark.parametrize("method, options", [
     *[(m, {}) for m in ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore", "olora", "corda-ipa",
-                        "corda-kpa"]],
+                        "corda-kpa", "loku"]],
     ("milora", {"select": "activation"}), ("soma", {"select": "activation", "damp": 0.0})])
 def test_initial_component_is_the_documented_one(method, options, env):
     e = env("phi3")
@@ -171,7 +176,7 @@ def test_initial_component_is_the_documented_one(method, options, env):
             a, b = layer.frozen_factors()
             piece = -(b.double() @ a.double())
         expected = expected_piece(method, w, e.covs[name].double(), layer.opts,
-                                  layer.scale if method == "olora" else 1.0)
+                                  layer.scale if method == "olora" else 1.0, e.fisher[name])
         size = float(torch.linalg.matrix_norm(w, 2))
         if method.startswith("corda"):  # a piece of W C, mapped back through C⁻¹
             fixed, inv = (t.double() for t in damped_inverse(e.covs[name], layer.opts.damp))

@@ -76,7 +76,8 @@ def test_a_new_target_is_one_file_and_one_line(tiny_model, tmp_path, monkeypatch
 def test_export_job_carries_factors_only():
     """Converters get factors: the job has no model, and its adapters are plain tensors."""
     assert "model" not in ExportJob.__dataclass_fields__
-    assert {f for f in ExportedAdapter.__dataclass_fields__} == {"name", "path", "config", "A", "B", "rel_error"}
+    assert {f for f in ExportedAdapter.__dataclass_fields__} == {"name", "path", "config", "A", "B", "rel_error",
+                                                                "errors"}
 
 
 # --- PEFT's scale, in one function ---------------------------------------------------------------------

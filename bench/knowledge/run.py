@@ -41,7 +41,7 @@ from .world import World, bio_rows, qa_rows, recall_rows
 TASKS = ("qa", "inject")
 FULL = "full"  # full fine-tuning, the reference
 # "delta" is the container for merged / imported / extracted updates (LoRA at scale 1), not a method
-TRAINED = [m for m in METHODS if m != "delta"]
+TRAINED = [m for m in METHODS if m not in ("delta", "loku")]  # loku unlearns: its init needs a forget set
 
 
 @dataclass
@@ -72,7 +72,7 @@ def calibration_rows(method: str, train: list[dict], world: World, seed: int) ->
 def run_one(base: Path, world: World, task: str, method: str, seed: int, setup: Setup) -> dict:
     from transformers import AutoTokenizer
 
-    from svd_serve.calib import input_covariances
+    from svd_serve.calib import calibrate
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -84,11 +84,12 @@ def run_one(base: Path, world: World, task: str, method: str, seed: int, setup: 
         params, lr, adapters = list(model.parameters()), setup.full_lr, None
     else:
         targets = resolve_targets(model, setup.targets)
-        covs = None
+        stats = None
         if METHODS[method].needs_calibration:
-            covs = input_covariances(model, targets, calibration_rows(method, train, world, seed), tokenizer)
+            stats = calibrate(METHODS[method].statistic, model, targets, calibration_rows(method, train, world, seed),
+                              tokenizer)
         adapters = AdapterSet.create(model, method, sweep_options(method, rank=setup.rank), targets,
-                                     covariances=covs, progress=False)
+                                     statistics=stats, progress=False)
         adapters.attach(model)
         params, lr = list(adapters.parameters()), setup.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

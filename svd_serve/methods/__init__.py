@@ -10,6 +10,7 @@ from .delta import Delta
 from .diffora import DiffoRA
 from .kasa import KaSA
 from .kore import KORE
+from .loku import LoKU
 from .lora import LoRA
 from .milora import MiLoRA
 from .olora import OLoRA
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Adapter]] = {
     "salt": SALT,
     "soma": SoMA,
     "kore": KORE,
+    "loku": LoKU,
     "diffora": DiffoRA,
     "delta": Delta,
     "codyra": CoDyRA,

@@ -174,6 +174,9 @@ class Adapter(nn.Module):
     Options: ClassVar[type[Options]] = LoRAOptions
     alpha_per_rank: ClassVar[float] = 2.0
     needs_calibration: ClassVar[bool] = False
+    # what init() receives per module as its second argument when needs_calibration (calib.STATISTICS):
+    # "covariance" ([n, n] input covariance) or "fisher" ([m] Fisher information per output row)
+    statistic: ClassVar[str] = "covariance"
     full_rank: ClassVar[bool] = False  # ΔW is not low-rank: `svd-serve methods` says how to serve it
 
     def __init__(self, out_features: int, in_features: int, opts: Options):
@@ -198,8 +201,9 @@ class Adapter(nn.Module):
 
     @torch.no_grad()
     def init(self, weight: Tensor, cov: Tensor | None = None) -> None:
-        """Set every tensor from the base weight (float32 ``[m, n]``) and, if needed, the
-        calibration input covariance ``cov [n, n]`` (float64)."""
+        """Set every tensor from the base weight (float32 ``[m, n]``) and, if needed, the module's
+        calibration statistic ``cov`` (float64; the one :attr:`statistic` names: the input covariance
+        ``[n, n]`` or the Fisher row sums ``[m]``)."""
         raise NotImplementedError
 
     def trainable_factors(self) -> LowRank:
@@ -283,7 +287,7 @@ class Adapter(nn.Module):
         """What ``svd-serve methods`` prints: the paper, ΔW's rank bound, whether calibration data is
         needed, and every option with its type, default and doc (from the options schema)."""
         head = [f"{cls.name}  {cls.paper}",
-                f"    ΔW rank ≤ {cls.bound}" + ("; needs --calib-data" if cls.needs_calibration else "")]
+                f"    ΔW rank ≤ {cls.bound}" + (f"; needs --calib-data ({cls.statistic})" if cls.needs_calibration else "")]
         if cls.full_rank:
             head.append(textwrap.fill(
                 "ΔW is full-rank, not a small LoRA: serve it folded (`fold`), or as the best rank-K "
