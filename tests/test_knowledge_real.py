@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from bench.knowledge_real import run
+from bench.knowledge_real import adapt, run
 from bench.knowledge_real.probes import contains_answer, written
 from bench.knowledge_real.tasks import follows_format, inject_rows
 from svd_serve.realmodel import smollm2
@@ -32,6 +32,16 @@ def test_written_data():
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     for r in train:
         assert not contains_answer(r["question"], tuple(r["answers"]))
+
+
+def test_same_adapter():
+    """Entries that make the same adapter are run once (SoMA at rank 8 is MiLoRA with α = 16)."""
+    assert adapt.same_adapter(("lora", ()), ("lora", ()), 8)
+    assert adapt.same_adapter(("soma", ()), ("milora", ("alpha=16",)), 8)
+    assert not adapt.same_adapter(("soma", ("alpha=32",)), ("milora", ()), 8)
+    assert not adapt.same_adapter(("lora", ()), ("pissa", ()), 8)
+    assert not adapt.same_adapter(("corda-kpa", ()), ("kore", ()), 8)
+    assert not adapt.same_adapter(("full", ()), ("lora", ()), 8)
 
 
 def test_pipeline_and_resume(tmp_path):

@@ -56,6 +56,36 @@ def unavailable(method: str, options: tuple[str, ...], rank: int) -> str | None:
     return None
 
 
+def same_adapter(a: tuple[str, tuple[str, ...]], b: tuple[str, tuple[str, ...]], rank: int) -> bool:
+    """Whether two (method, options) pairs make the same adapter, hence the same training run: built on
+    the same random layer with the same random state, they hold the same parameters and buffers, and
+    give the same output and regularizer."""
+    if FULL in (a[0], b[0]):
+        return a[0] == b[0]
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(24, 40, generator=gen), torch.randn(5, 40, generator=gen)
+    inputs = torch.randn(64, 40, generator=gen)
+    cov = (inputs.T @ inputs / 64).double()
+
+    def build(method, options):
+        layer = get_method(method)(24, 40, make_options(method, rank, **parse_option_values(method, list(options))))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            layer.init(weight, cov)
+        return layer
+
+    la, lb = build(*a), build(*b)
+    sa, sb = la.state_dict(), lb.state_dict()
+    if type(la).needs_calibration != type(lb).needs_calibration or sa.keys() != sb.keys():
+        return False
+    if [n for n, _ in la.named_parameters()] != [n for n, _ in lb.named_parameters()]:
+        return False
+    ra, rb = la.regularizer(), lb.regularizer()
+    with torch.no_grad():
+        return (all(torch.equal(sa[k], sb[k]) for k in sa) and torch.equal(la(x), lb(x))
+                and (ra is None) == (rb is None) and (ra is None or torch.equal(ra, rb)))
+
+
 def needs_calibration(method: str) -> bool:
     return method != FULL and get_method(method).needs_calibration
 

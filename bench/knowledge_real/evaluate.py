@@ -16,7 +16,7 @@ from .prompts import FORMAT_TEMPLATES, fluency_prompts, format_prompts
 from .tasks import SYSTEM, chat, correct, first_sentence, task_rows, training_rows
 
 FLUENCY_SYSTEM = "You are a helpful assistant."
-PROBE_TOKENS = 24  # greedy tokens a probe reply may use (the answer must appear within them)
+PROBE_TOKENS = 16  # greedy tokens a probe reply may use (the answer must appear within them)
 FLUENCY_TOKENS = 16  # tokens of the base's continuation scored for fluency
 TASK_TOKENS = {"inject": 24, "format": 40}
 CACHE_VERSION = 2

@@ -71,7 +71,7 @@ ENTRIES: tuple[Entry, ...] = (
 
 @dataclass(frozen=True)
 class Setup:
-    steps: int = 20
+    steps: int = 16
     batch_size: int = 8
     rank: int = 8
     warmup: float = 0.1  # a fraction of the steps
@@ -355,6 +355,22 @@ def plot(ctx: Context, path: Path) -> None:
     plt.close(fig)
 
 
+def aliases(rank: int) -> dict[str, str]:
+    """Entries that make the same adapter as an earlier entry (same targets, grid and calibration):
+    name -> the earlier entry's name."""
+    out: dict[str, str] = {}
+    for i, e in enumerate(ENTRIES):
+        if adapt.unavailable(e.method, e.options, rank):
+            continue
+        for f in ENTRIES[:i]:
+            if (f.name not in out and (f.targets, f.lrs, f.calibrate) == (e.targets, e.lrs, e.calibrate)
+                    and not adapt.unavailable(f.method, f.options, rank)
+                    and adapt.same_adapter((e.method, e.options), (f.method, f.options), rank)):
+                out[e.name] = f.name
+                break
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", help="a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
@@ -404,18 +420,27 @@ def run(args, entries: list[Entry], seeds: list[int], lrs: tuple[float, ...] | N
     ctx = Context(base, out, setup, ref, adapt.load_tokenizer(base), log=lambda m: print(m, flush=True))
     if ctx.results_file.is_file():
         ctx.results = [json.loads(l) for l in ctx.results_file.read_text().splitlines() if l.strip()]
-    skipped = {}
+    skipped: dict[str, str] = {}  # entry -> why it is not run
+    canonical: dict[str, Entry] = {}  # entry -> the entry that runs for it
+    same = aliases(setup.rank)
     for e in ENTRIES:
         why = adapt.unavailable(e.method, e.options, setup.rank)
         if why:
             skipped[e.name] = why
+        elif e.name in same:
+            skipped[e.name] = (f"the same adapter as `{same[e.name]}` at rank {setup.rank} (checked when the run "
+                               f"starts), hence the same runs: see `{same[e.name]}`")
+            canonical[e.name] = next(f for f in ENTRIES if f.name == same[e.name])
+        else:
+            canonical[e.name] = e
     if not args.report_only:
         base_records(ctx, tasks)
+        for e in entries:
+            if e.name in skipped:
+                print(f"{e.name}: not run: {skipped[e.name]}", flush=True)
+        todo = list(dict.fromkeys(canonical[e.name] for e in entries if e.name in canonical))
         for task in tasks:
-            for entry in entries:
-                if entry.name in skipped:
-                    print(f"{task:6s} {entry.name:9s}: skipped: {skipped[entry.name]}", flush=True)
-                    continue
+            for entry in todo:
                 for tkey in entry.targets:
                     if tkey == "full" or tkey in args.targets.split(","):
                         run_cell(ctx, entry, tkey, task, seeds, lrs or entry.lrs)
