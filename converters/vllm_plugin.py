@@ -13,14 +13,12 @@ and the converter are imported on the first resolution.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 ROOT_ENV = "SVD_SERVE_ADAPTER_ROOT"
 CACHE_ENV = "SVD_SERVE_LORA_CACHE"
-NATIVE_FILES = ("svd_adapter.json", "svd_adapter.safetensors")
 
 logger = logging.getLogger("vllm.plugins.svd_serve")  # under vLLM's configured logger
 
@@ -49,27 +47,19 @@ def adapter_dir(root: str | Path, name: str) -> Path | None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         return None
     path = (root / name).resolve()
-    if path.parent != root or not (path / NATIVE_FILES[0]).is_file():
+    if path.parent != root or not (path / "svd_adapter.json").is_file():
         return None
     return path
-
-
-def content_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for name in NATIVE_FILES:
-        h.update(name.encode())
-        with open(path / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def convert(src: Path, cache: Path, name: str, base: str | None = None) -> Path:
     """The PEFT form of native adapter ``src``, converted at most once per content."""
     import fcntl
 
+    from svd_serve.converters import adapter_hash
+
     cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"{name}-{content_hash(src)}"
+    out = cache / f"{name}-{adapter_hash(src)}"
     if (out / "adapter_model.safetensors").is_file():
         return out
     with open(cache / f".{out.name}.lock", "w") as lock:
@@ -85,15 +75,14 @@ def convert(src: Path, cache: Path, name: str, base: str | None = None) -> Path:
 
 def write_peft(src: Path, out: Path, name: str, base: str | None) -> None:
     from svd_serve.adapter import AdapterSet
-    from svd_serve.converters import ExportJob
+    from svd_serve.converters import ExportedAdapter, ExportJob
     from svd_serve.converters.peft import write_lora_dir
     from svd_serve.converters.vllm import check_servable
-    from svd_serve.export import to_exported
 
     adapters = AdapterSet.load(src)
     if base and Path(base).is_dir():
         check_base_weights(adapters, Path(base))
-    exported = to_exported(name, src, adapters, None)
+    exported = ExportedAdapter.from_adapter(name, src, adapters)
     arch = adapters.config.architecture
     check_servable(arch, [exported])
     job = ExportJob(base=Path(base or adapters.config.base_model), adapters=[exported],

@@ -24,7 +24,7 @@ from . import __version__
 from .errors import SvdServeError
 from .io import atomic_dir
 from .linalg import LowRank, compress
-from .methods import Adapter, get_method
+from .methods import Adapter, Options, get_method
 from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
 
 CONFIG_NAME = "svd_adapter.json"
@@ -48,46 +48,40 @@ class AdapterConfig:
     format_version: int = FORMAT_VERSION
 
 
-def make_options(method: str, rank: int | None = None, alpha: float | None = None, **extra):
-    """The method's options dataclass from CLI-style values (None = the method's default)."""
-    cls = get_method(method)
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    kwargs = {k: v for k, v in extra.items() if v is not None}
-    unknown = sorted(set(kwargs) - set(fields))
-    if unknown:
-        raise SvdServeError(f"method {method} has no option {', '.join(unknown)}; "
-                            f"its options: {', '.join(fields)}")
-    if rank is not None:
-        kwargs["rank"] = rank
-    if alpha is not None:
-        kwargs["alpha"] = alpha
-    return cls.Options(**kwargs)
+def make_options(method: str, rank: int | None = None, alpha: float | None = None, **values) -> Options:
+    """The method's options dataclass from typed values or ``-o`` strings (None: the method's default).
+    A value the method has no option for (``alpha`` for ``svf``, ``beta`` for ``lora``) is refused."""
+    given = {k: v for k, v in {"rank": rank, "alpha": alpha, **values}.items() if v is not None}
+    return get_method(method).Options.from_dict(given, method)
 
 
-def parse_option_values(method: str, pairs: list[str]) -> dict:
-    """``["beta=1e-3", "freeze_a=true"]`` → typed values for the method's options dataclass."""
-    fields = {f.name: f for f in dataclasses.fields(get_method(method).Options)}
+def sweep_options(method: str, **values) -> Options:
+    """:func:`make_options` with only those of ``values`` the method has: one setting for every
+    method of a sweep (``rank=8`` for all; ``svf`` has no rank, ``sorsa`` no alpha)."""
+    fields = get_method(method).Options.fields()
+    return make_options(method, **{k: v for k, v in values.items() if k in fields})
+
+
+def parse_option_values(method: str, pairs: list[str] | dict) -> dict:
+    """``["beta=1e-3", "freeze_a=true"]`` (or a mapping) → a mapping of typed values, each parsed by its
+    field's type in the method's options dataclass (a key it lacks is kept, for
+    :func:`make_options` to refuse)."""
+    fields = get_method(method).Options.fields()
+    items = pairs.items() if isinstance(pairs, dict) else [_key_value(p, method) for p in pairs]
     out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
+    for key, raw in items:
         key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise SvdServeError(f"bad option {pair!r} for {method}; expected KEY=VALUE with KEY in: "
-                                f"{', '.join(fields)}")
-        default = fields[key].default
-        try:
-            if isinstance(default, bool):
-                value = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif raw.strip().lower() == "none":
-                value = None
-            elif isinstance(default, int) or key in ("rank", "niter"):
-                value = int(raw)
-            else:
-                value = float(raw)
-        except ValueError:
-            raise SvdServeError(f"bad value {raw!r} for option {key} of {method}") from None
-        out[key] = value
+        if key in out:
+            raise SvdServeError(f"option {key} of {method} is given twice")
+        out[key] = get_method(method).Options.parse(key, raw) if key in fields else raw
     return out
+
+
+def _key_value(pair: str, method: str) -> tuple[str, str]:
+    key, sep, raw = pair.partition("=")
+    if not sep:
+        raise SvdServeError(f"bad option {pair!r} for {method}: expected KEY=VALUE")
+    return key, raw
 
 
 class AdapterSet(nn.Module):
@@ -97,7 +91,11 @@ class AdapterSet(nn.Module):
         super().__init__()
         self.config = config
         cls = get_method(config.method)
-        opts = cls.Options(**config.options)
+        options = dict(config.options)
+        for key in ("rank", "alpha"):  # files of svd-serve 0.1 held both for every method, used or not
+            if key not in cls.Options.fields():
+                options.pop(key, None)
+        opts = cls.Options.from_dict(options, config.method)
         self.method: type[Adapter] = cls
         self.layers = nn.ModuleDict()
         for name, (m, n) in config.targets.items():
@@ -190,6 +188,11 @@ class AdapterSet(nn.Module):
         terms = [r for _, layer in self.items() if (r := layer.regularizer()) is not None]
         return torch.stack(terms).mean() if terms else None
 
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Every layer's :meth:`Adapter.after_step` hook (the training loop calls it after each update)."""
+        for _, layer in self.items():
+            layer.after_step(step, total_steps)
+
     def deltas(self, max_rank: int | None = None) -> dict[str, LowRank]:
         """Each module's ΔW against the original base in its smallest exact rank (or ``max_rank``)."""
         return {name: compress(*layer.delta(), max_rank=max_rank) for name, layer in self.items()}
@@ -202,10 +205,10 @@ class AdapterSet(nn.Module):
             w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight
             add_low_rank_(w, *layer.delta())
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, inputs=(), overwrite: bool = False) -> Path:
         tensors = {f"{name}.{k}": v.detach().float().contiguous().cpu()
                    for name, layer in self.items() for k, v in layer.state_dict().items()}
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, inputs, overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         return Path(path)

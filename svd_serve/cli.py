@@ -1,30 +1,54 @@
-"""The ``svd-serve`` command line. Each command parses its options and calls one library function."""
+"""The ``svd-serve`` command line. Each command parses its options and calls one library function;
+defaults come from the library (``TrainConfig``, the methods' options), never from here."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
 
 import click
 
+from . import log
 from .converters import TARGETS
+from .demo import demo
 from .errors import SvdServeError
 from .merge import METHODS as MERGE_METHODS
 from .methods import METHODS
+from .train import DTYPES, SCHEDULES, TrainConfig
+from .verify import TOLERANCE, VerifyOptions
+
+TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the defaults of `train`
+DEMO = {k: p.default for k, p in inspect.signature(demo).parameters.items()}  # and of `demo`
+TARGETS_HELP = "Module-name suffixes (comma list), 'all-linear', or a regex over full names."
+OVERWRITE_HELP = "Replace an earlier svd-serve output at --out (never other files)."
+
+
+def one_of(new_flag: str, new, old_flag: str, old):
+    """The value of an option that also has an old, hidden spelling (giving both is an error)."""
+    if new is not None and old is not None:
+        raise SvdServeError(f"give {new_flag} only ({old_flag} is its old name)")
+    return new if new is not None else old
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="svd-serve")
-def cli():
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show library and engine logs (vLLM, ONNX Runtime, transformers) instead of sending "
+                   "them to the log file ($SVD_SERVE_LOG).")
+def cli(verbose):
     """Train SVD-family adapters, fold them, and export them as exact LoRA for serving."""
+    log.set_verbose(verbose)
 
 
 @cli.command("methods")
-def methods_cmd():
-    """List the adapter methods and the paper each follows."""
-    for name, cls in METHODS.items():
-        click.echo(f"{name:10s} {cls.paper}")
+@click.argument("name", required=False, type=click.Choice(list(METHODS)))
+def methods_cmd(name):
+    """The adapter methods: paper, rank bound of ΔW, calibration data, and every option (-o KEY=VALUE
+    of `train`) with its type, default and meaning. NAME: only that method."""
+    click.echo("\n\n".join(cls.describe() for key, cls in METHODS.items() if name in (None, key)))
 
 
 @cli.command(context_settings={"show_default": True})
@@ -32,40 +56,46 @@ def methods_cmd():
 @click.option("--base", type=click.Path(), help="Hugging Face model directory.  [required]")
 @click.option("--data", type=click.Path(), help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required]')
 @click.option("--out", type=click.Path(), help="Output directory: the adapter, metrics.jsonl, loss.png, checkpoints/.  [required]")
-@click.option("--method", default="kasa", type=click.Choice(list(METHODS)))
-@click.option("--rank", type=int, help="Adapter rank r (default: the method's).")
-@click.option("--alpha", type=float, help="LoRA alpha; scale = alpha / r (default: the method's).")
-@click.option("--targets", default="q_proj,v_proj",
-              help="Module-name suffixes (comma list), 'all-linear', or a regex over full names.")
+@click.option("--method", default=TRAIN["method"], type=click.Choice(list(METHODS)),
+              help="Adapter method (see `svd-serve methods`).")
+@click.option("--rank", type=int, help="Adapter rank r, the same as -o rank=R (default: the method's).")
+@click.option("--alpha", type=float, help="LoRA alpha, scale = alpha / r, the same as -o alpha=A; only methods "
+                                          "with a scale take it (default: the method's).")
+@click.option("--targets", default=TRAIN["targets"], help=TARGETS_HELP)
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="A method option, e.g. -o ratio=0.2 (see `svd-serve methods`).")
-@click.option("--reg", multiple=True, metavar="KEY=VALUE", help="A regularizer coefficient, e.g. --reg beta=1e-3.")
-@click.option("--calib-data", type=click.Path(), help="JSONL for CorDA/KORE input covariances.")
-@click.option("--max-length", default=512, type=int, help="Longer rows are truncated (and counted).")
+              help="A method option, parsed by its type, e.g. -o ratio=0.2 (repeat). `svd-serve methods` lists "
+                   "each method's options; an option the method does not have is refused.")
+@click.option("--reg", multiple=True, metavar="KEY=VALUE",
+              help="A regularizer weight, e.g. --reg beta=1e-3: the same as -o, for regularizer weights only.")
+@click.option("--calib-data", type=click.Path(), help="JSONL for the input covariances of CorDA and KORE.")
+@click.option("--max-length", default=TRAIN["max_length"], type=int, help="Longer rows are truncated (and counted).")
 @click.option("--pack", is_flag=True, help="Concatenate short rows into rows of up to --max-length tokens.")
 @click.option("--eval-data", type=click.Path(), help="JSONL evaluated at checkpoints and at the end.")
 @click.option("--eval-split", type=float, help="Hold out this fraction of --data for evaluation, e.g. 0.05.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (default: at checkpoints and the end).")
 @click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, help="Epochs over the data (instead of --steps).")
-@click.option("--batch-size", default=4, type=int, help="Rows per process and accumulation step.")
-@click.option("--grad-accum", default=1, type=int, help="Accumulation steps per optimizer step.")
-@click.option("--lr", default=4e-4, type=float)
-@click.option("--schedule", default="cosine", type=click.Choice(["cosine", "linear", "constant"]), help="After warmup.")
-@click.option("--warmup", default=0.0, type=float, help="Warmup steps (>= 1) or fraction of all steps (< 1).")
-@click.option("--weight-decay", default=0.0, type=float)
-@click.option("--max-grad-norm", default=1.0, type=float, help="Clip the global gradient norm (0: off).")
-@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]),
-              help="Base weights and autocast dtype; adapter parameters stay float32.")
+@click.option("--batch-size", default=TRAIN["batch_size"], type=int, help="Rows per process and accumulation step.")
+@click.option("--grad-accum", default=TRAIN["grad_accum"], type=int, help="Accumulation steps per optimizer step.")
+@click.option("--lr", default=TRAIN["lr"], type=float, help="Peak learning rate of AdamW.")
+@click.option("--schedule", default=TRAIN["schedule"], type=click.Choice(SCHEDULES), help="Decay after warmup.")
+@click.option("--warmup", default=TRAIN["warmup"], type=float, help="Warmup steps (>= 1) or fraction of all steps (< 1).")
+@click.option("--weight-decay", default=TRAIN["weight_decay"], type=float, help="AdamW weight decay.")
+@click.option("--max-grad-norm", default=TRAIN["max_grad_norm"], type=float, help="Clip the global gradient norm (0: off).")
+@click.option("--dtype", default=TRAIN["dtype"], type=click.Choice(list(DTYPES)),
+              help="Compute dtype of the base: float32, or bfloat16 (half the memory; autocast). Adapter "
+                   "parameters stay float32. float16 is not offered: it would need loss scaling.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--absorb-frozen/--no-absorb-frozen", default=True,
+@click.option("--absorb-frozen/--no-absorb-frozen", default=TRAIN["absorb_frozen"],
               help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
-@click.option("--seed", default=0, type=int)
+@click.option("--seed", default=TRAIN["seed"], type=int, help="Seed of the adapter init, the data order and --eval-split.")
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
-@click.option("--keep-checkpoints", default=3, type=int, help="Keep the last N checkpoints (and the best).")
+@click.option("--keep-checkpoints", default=TRAIN["keep_checkpoints"], type=int,
+              help="Keep the last N checkpoints (and the best).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run at --out (its own files only).")
 @click.option("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
-@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bar.")
+@click.option("--no-progress", "progress", flag_value=False, default=TRAIN["progress"], help="No progress bar.")
 @click.pass_context
 def train(ctx, config_file, **given):
     """Train an adapter; the method's regularizers are added automatically.
@@ -89,28 +119,33 @@ def train(ctx, config_file, **given):
 @click.option("--base", required=True, type=click.Path(), help="The base the adapter was trained on.")
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF checkpoint directory.")
-def fold(base, adapter, out):
-    """Fold an adapter into the base: a standalone HF checkpoint in the base's dtype."""
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def fold(base, adapter, out, overwrite):
+    """Fold an adapter into the base: a standalone HF checkpoint in the base's own dtype."""
     from .fold import fold as run
 
-    click.echo(f"folded checkpoint written to {run(base, adapter, out)}")
+    click.echo(f"folded checkpoint written to {run(base, adapter, out, overwrite)}")
 
 
 @cli.command()
-@click.option("--target", required=True, type=click.Choice(list(TARGETS)))
-@click.option("--base", required=True, type=click.Path())
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)), help="Where the adapters will be served.")
+@click.option("--base", required=True, type=click.Path(), help="The base the adapters were trained on.")
 @click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
               help="svd-serve adapter directory (repeat for several).")
-@click.option("--out", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--max-rank", type=int, help="Best rank-K approximation instead of the exact rank (error reported).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None, help="ONNX graph dtype.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="--target onnx: the graph's dtype, float32 (CPU) or float16 (CUDA); default float16 where "
+                   "CUDAExecutionProvider is available, else float32. Other targets write float32 factors.")
 @click.option("--no-verify", is_flag=True, help="Skip the numerical check of the written adapter.")
-def export(target, base, adapters, out, max_rank, dtype, no_verify):
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def export(target, base, adapters, out, max_rank, dtype, no_verify, overwrite):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
-    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify, **extra)
+    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify, overwrite=overwrite,
+                 **extra)
     for name, entry in report["adapters"].items():
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
@@ -146,27 +181,34 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 
 
 @cli.command()
-@click.option("--target", required=True, type=click.Choice(["vllm"]))
-@click.option("--base", required=True, type=click.Path(), help="The base the export was made for.")
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)),
+              help="The target the export was written for; it runs in that target's runtime.")
+@click.option("--base", required=True, type=click.Path(), help="The base the export was made for (a local directory).")
 @click.option("--export", "export_dir", required=True, type=click.Path(), help="Output of `svd-serve export`.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat; default: three built-in).")
-@click.option("--max-tokens", default=16, show_default=True, type=int)
-@click.option("--tol", default=1e-3, show_default=True, type=float, help="Largest accepted |Δ logprob|.")
-@click.option("--kv-cache-mib", default=1024, show_default=True, type=int, help="vLLM KV cache size.")
+@click.option("--max-new-tokens", default=VerifyOptions.max_new_tokens, show_default=True, type=int,
+              help="Greedy tokens generated per prompt.")
+@click.option("--max-tokens", "max_tokens_alias", type=int, hidden=True)
+@click.option("--tol", type=float, help="Largest accepted |Δ logprob| (default: "
+              + ", ".join(f"{v:g} for {k}" for k, v in TOLERANCE.items()) + " runtimes).")
+@click.option("--kv-cache-mib", default=VerifyOptions.kv_cache_mib, show_default=True, type=int,
+              help="vLLM's KV cache size.")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report (with tokens) here.")
-def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, json_out):
-    """Serve an export with vLLM (float32, one mixed batch) and compare with the HF model."""
+def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, tol, kv_cache_mib, json_out):
+    """Run an export in its target's runtime (vLLM, ONNX Runtime, PEFT) and compare greedy tokens and
+    logprobs with the Hugging Face model, for the base and every adapter. Exit status 1 on a mismatch."""
     from .verify import verify as run
 
-    report = run(target, base, export_dir, list(prompts) or None, max_tokens, tol, kv_cache_mib)
+    if max_tokens_alias is not None:
+        max_new_tokens = max_tokens_alias
+    result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib)
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(report, f, indent=2)
-    for name, r in report.items():
-        status = "ok" if r["ok"] else "MISMATCH"
-        click.echo(f"{name}: {status}: greedy tokens {'match' if r['tokens_match'] else 'differ'}, "
-                   f"max |Δ logprob| {r['max_logprob_gap']:.2e}")
-    if not all(r["ok"] for r in report.values()):
+        from .io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
+    for line in result.lines():
+        click.echo(line)
+    if not result.ok:
         sys.exit(1)
 
 
@@ -174,7 +216,7 @@ def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, jso
 @click.option("--base", required=True, type=click.Path(), help="The base every adapter was trained on.")
 @click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
               help="svd-serve adapter directory (repeat for each).")
-@click.option("--method", required=True, type=click.Choice(MERGE_METHODS))
+@click.option("--method", required=True, type=click.Choice(MERGE_METHODS), help="Merge method.")
 @click.option("--weights", help="Comma list, one per adapter (default: all 1).")
 @click.option("--density", default=1.0, show_default=True, type=float,
               help="TIES/KnOTS: fraction of magnitudes kept; DARE: keep probability.")
@@ -183,20 +225,23 @@ def verify(target, base, export_dir, prompts, max_tokens, tol, kv_cache_mib, jso
 @click.option("--shared", default="ties", show_default=True, type=click.Choice(MERGE_METHODS[:-1]),
               help="twin: the method of the shared merge.")
 @click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
-@click.option("--rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
-@click.option("--out", required=True, type=click.Path())
-def merge(base, adapters, method, weights, density, lam, seed, shared, fold, rank, out):
+@click.option("--max-rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
+@click.option("--rank", "old_rank", type=int, hidden=True)
+@click.option("--out", required=True, type=click.Path(), help="Output directory.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def merge(base, adapters, method, weights, density, lam, seed, shared, fold, max_rank, old_rank, out, overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME."""
     from .merge import merge as run
 
+    max_rank = one_of("--max-rank", max_rank, "--rank", old_rank)
     if weights is not None:
         try:
             weights = [float(w) for w in weights.split(",")]
         except ValueError:
             raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
-                 seed=seed, fold=fold, rank=rank, shared=shared)
+                 seed=seed, fold=fold, rank=max_rank, shared=shared, overwrite=overwrite)
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
     for name, entry in report.get("adapters", {}).items():
@@ -204,34 +249,48 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, ran
     click.echo(f"{method} merge of {len(adapters)} adapters ({report['modules']} modules) written to {out}")
 
 
+class _UnlistedArgument(click.Argument):
+    """A positional argument kept for old command lines, left out of the usage line."""
+
+    def get_usage_pieces(self, ctx):
+        return []
+
+
 @cli.command("import")
-@click.option("--from", "source", required=True, type=click.Choice(["peft"]))
+@click.option("--from", "source", required=True, type=click.Choice(["peft"]), help="The adapter's format.")
+@click.option("--adapter", type=click.Path(), help="The adapter directory to import.  [required]")
 @click.option("--base", required=True, type=click.Path(), help="The original, unmodified base.")
 @click.option("--initial", type=click.Path(),
               help="PiSSA/OLoRA/CorDA: the adapter PEFT saved before training.")
-@click.option("--out", required=True, type=click.Path())
-@click.argument("adapter", type=click.Path())
-def import_cmd(source, base, initial, out, adapter):
+@click.option("--out", required=True, type=click.Path(), help="Output directory (a native adapter).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.argument("old_adapter", required=False, type=click.Path(), cls=_UnlistedArgument)
+def import_cmd(source, adapter, base, initial, out, overwrite, old_adapter):
     """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter."""
     from .importer import import_peft
 
-    report = import_peft(adapter, base, out, initial)
+    adapter = one_of("--adapter", adapter, "a positional path", old_adapter)
+    if adapter is None:
+        raise SvdServeError("missing --adapter (the PEFT adapter directory)")
+    report = import_peft(adapter, base, out, initial, overwrite)
     click.echo(f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}, written to {out}")
 
 
 @cli.command()
-@click.option("--base", required=True, type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The base the fine-tune started from.")
 @click.option("--finetuned", required=True, type=click.Path(), help="A full fine-tune of --base.")
-@click.option("--rank", type=int, help="Components kept per module.")
+@click.option("--max-rank", type=int, help="Components kept per module.")
+@click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--energy", type=float, help="Per module, the fewest components holding this fraction of ||ΔW||².")
-@click.option("--targets", default="all-linear", show_default=True,
-              help="Module-name suffixes (comma list), 'all-linear', or a regex over full names.")
-@click.option("--out", required=True, type=click.Path())
-def extract(base, finetuned, rank, energy, targets, out):
+@click.option("--targets", default="all-linear", show_default=True, help=TARGETS_HELP)
+@click.option("--out", required=True, type=click.Path(), help="Output directory (a native adapter).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def extract(base, finetuned, max_rank, old_rank, energy, targets, out, overwrite):
     """Extract an adapter from a full fine-tune (SVD of W_ft - W_base per Linear)."""
     from .extract import extract as run
 
-    report = run(base, finetuned, out, rank=rank, energy=energy, targets=targets)
+    report = run(base, finetuned, out, rank=one_of("--max-rank", max_rank, "--rank", old_rank), energy=energy,
+                 targets=targets, overwrite=overwrite)
     click.echo(f"{report['modules']} modules, rank {report['rank']}, max relative error "
                f"{report['max_rel_error']:.3e}" + (f", {report['unchanged']} unchanged modules left out"
                                                     if report["unchanged"] else ""))
@@ -242,30 +301,38 @@ def extract(base, finetuned, rank, energy, targets, out):
 
 
 @cli.command()
-@click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An `export --target onnx` folder.")
+@click.option("--export", "export_dir", type=click.Path(), help="An `export --target onnx` folder.  [required]")
+@click.option("--onnx", "onnx_alias", type=click.Path(), hidden=True)
 @click.option("--adapter", help="Adapter name from the export's manifest, or an .onnx_adapter file (default: the base).")
-@click.option("--prompt", required=True)
-@click.option("--max-new-tokens", default=32, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--prompt", required=True, help="Prompt text (used as given: no chat template).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Stop after this many new tokens (or at EOS).")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy; > 0: sampling.")
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
-def generate(onnx_dir, adapter, prompt, max_new_tokens, temperature, seed):
+def generate(export_dir, onnx_alias, adapter, prompt, max_new_tokens, temperature, seed):
     """Generate from an ONNX export with onnxruntime-genai, with one adapter per request."""
-    from .generate import OnnxLM
+    from .converters import get_target
+    from .converters.onnx import check_generation
+    from .verify import engine
 
-    lm = OnnxLM.open(onnx_dir)
-    click.echo(lm.generate(prompt, adapter, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
+    export_dir = export_dir or onnx_alias
+    if export_dir is None:
+        raise click.UsageError("Missing option '--export'.")
+    check_generation(max_new_tokens, temperature)
+    with engine("onnxruntime-genai"):
+        lm = get_target("onnx").open(export_dir)
+        text = lm.generate(prompt, adapter, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    click.echo(text)
     click.echo(f"[{adapter or 'base'} on {lm.provider}]", err=True)
 
 
 @cli.command("demo")
-@click.option("--out", default="svd-serve-demo", show_default=True, type=click.Path(),
+@click.option("--out", default=DEMO["out"], show_default=True, type=click.Path(),
               help="Where the adapter, the folded model and the exports go.")
-@click.option("--steps", default=300, show_default=True, type=int, help="Training steps.")
-@click.option("--method", default="kasa", show_default=True, type=click.Choice(list(METHODS)))
+@click.option("--steps", default=DEMO["steps"], show_default=True, type=int, help="Training steps.")
+@click.option("--method", default=DEMO["method"], show_default=True, type=click.Choice(list(METHODS)),
+              help="Adapter method (see `svd-serve methods`).")
 def demo_cmd(out, steps, method):
-    """Train, compare answers, fold and export on the embedded tiny model (minutes on a CPU)."""
-    from .demo import demo
-
+    """Train, compare answers, fold, export and serve on the embedded tiny model (minutes on a CPU)."""
     demo(out, steps=steps, method=method, log=click.echo)
 
 

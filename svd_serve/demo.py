@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import SvdServeError
+from .methods import DEFAULT_METHOD
 
 EMBEDDED = Path(__file__).parent / "data" / "tiny-knowledge"
 
@@ -77,11 +78,14 @@ def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 64) -> flo
     return hits / len(rows)
 
 
-def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "kasa", lr: float = 2e-3,
+def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = DEFAULT_METHOD, lr: float = 2e-3,
          log=print, serve_check: bool = True) -> dict:
-    """Run the demo into ``out``; returns the summary that is also written to ``out/summary.json``."""
+    """Run the demo into ``out``; returns the summary that is also written to ``out/summary.json``.
+    Engine output (ONNX model builder, vLLM) goes to the log file (see :mod:`svd_serve.log`); the
+    demo ends with a table of every step, its check and where its output is."""
     from transformers import AutoTokenizer
 
+    from . import log as logs
     from .adapter import AdapterSet
     from .converters import TARGETS
     from .export import export
@@ -108,7 +112,7 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
     adapter = train(TrainConfig(base=str(base), data=str(data), out=str(out / f"{method}-adapter"),
                                 method=method, targets="all-linear", steps=steps, lr=lr, batch_size=16,
                                 calib_data=str(data) if get_method(method).needs_calibration else None,
-                                progress=False))
+                                overwrite=True))
     adapters = AdapterSet.load(adapter, model)
     adapters.attach(model)
     after = exact_match(model, tokenizer, test)
@@ -119,43 +123,31 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
         q = r["prompt"].replace("\n", " ")
         log(f"{q[:56]:56s} {r['completion'].strip():10s} {b.strip()[:12]:12s} {a.strip()}")
     held = "held-out" if base == EMBEDDED else "training"
-    log(f"exact match on {len(test)} {held} questions: {before:.1%} before, {after:.1%} after")
+    log("")
 
     # fold, and compare the folded checkpoint with base + adapter
-    folded = fold(base, adapter, out / "folded")
+    folded = fold(base, adapter, out / "folded", overwrite=True)  # a rerun replaces its own outputs
     ids = torch.tensor([tokenizer(shown[0]["prompt"])["input_ids"]])
     with torch.no_grad():
         adapted_logits = model(input_ids=ids).logits
         fold_gap = float((load_base(folded)(input_ids=ids).logits - adapted_logits).abs().max())
-    log("")
-    log(f"folded checkpoint: {folded}  (logits vs base + adapter: max |Δ| {fold_gap:.2e})")
 
     exports = {}
     for target in TARGETS:
+        log(f"exporting to {target} ...")
         try:
-            report = export(target, base, [adapter], out / "export" / target)
+            report = export(target, base, [adapter], out / "export" / target, overwrite=True)
         except Exception as e:  # one target's missing runtime must not hide the others
             exports[target] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
-            log(f"export {target:5s}: failed: {exports[target]['error']}")
             continue
         entry = report["adapters"][Path(adapter).name]
         exports[target] = {"out": report["out"], **{k: v for k, v in entry.items() if isinstance(v, (int, float, str))}}
-        err = entry["max_rel_error"]
-        log(f"export {target:5s}: rank {entry['rank']} (bound {entry['bound']}), "
-            f"{'exact' if err == 0 else f'rel. error {err:.1e}'}, logits vs adapted model: "
-            f"max |Δ| {entry.get('max_logit_gap', float('nan')):.2e}  -> {report['out']}")
-        if "onnx_max_logit_gap" in entry:
-            log(f"             ONNX Runtime session ({entry['provider']}) vs adapted model: "
-                f"max |Δ logits| {entry['onnx_max_logit_gap']:.2e}")
     if serve_check and "out" in exports.get("vllm", {}) and importlib.util.find_spec("vllm"):
         from .verify import verify
 
         log("serving the vLLM export with vLLM (float32, base and adapter in one batch) ...")
-        checks = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown], max_tokens=8)
-        exports["vllm"]["served"] = checks
-        for name, c in checks.items():
-            log(f"  vLLM {name:14s}: greedy tokens {'match' if c['tokens_match'] else 'DIFFER'}, "
-                f"max |Δ logprob| {c['max_logprob_gap']:.1e}")
+        exports["vllm"]["served"] = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown],
+                                           max_new_tokens=8).checks
 
     summary = {"base": str(base), "method": method, "steps": steps, "adapter": str(adapter),
                "accuracy_before": before, "accuracy_after": after, "eval_rows": len(test),
@@ -164,5 +156,38 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = "ka
                             "after": a.strip()} for r, b, a in zip(shown, answers_before, answers_after)],
                "seconds": round(time.time() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"summary: {out / 'summary.json'}  ({summary['seconds']:.0f} s)")
+    log("")
+    for line in summary_table(summary, held, out / "summary.json"):
+        log(line)
+    if not logs.verbose():
+        log(f"(engine logs: {logs.log_path()})")
     return summary
+
+
+def summary_table(summary: dict, held: str, where: Path) -> list[str]:
+    """One row per step of the demo: what ran, its check, where its output is."""
+    rows = [(f"train {summary['method']} ({summary['steps']} steps)",
+             f"exact match on {summary['eval_rows']} {held} questions: {summary['accuracy_before']:.1%} before, "
+             f"{summary['accuracy_after']:.1%} after", summary["adapter"]),
+            ("folded checkpoint", f"logits vs base + adapter: max |Δ| {summary['fold_max_logit_gap']:.1e}",
+             summary["folded"])]
+    for target, e in summary["exports"].items():
+        if "error" in e:
+            rows.append((f"export {target}", f"FAILED: {e['error']}", ""))
+            continue
+        err = e["max_rel_error"]
+        check = (f"rank {e['rank']} (≤ {e['bound']}), {'exact' if err == 0 else f'rel. error {err:.1e}'}, "
+                 f"logits vs adapted model: max |Δ| {e.get('max_logit_gap', float('nan')):.1e}")
+        rows.append((f"export {target}", check, e["out"]))
+        if "onnx_max_logit_gap" in e:
+            rows.append(("  ONNX Runtime session", f"{e['provider']}: logits vs adapted model: max |Δ| "
+                                                  f"{e['onnx_max_logit_gap']:.1e}", ""))
+        for name, c in e.get("served", {}).items():
+            rows.append((f"  served by vLLM: {name}", f"greedy tokens {'match' if c['tokens_match'] else 'DIFFER'}, "
+                                                      f"max |Δ logprob| {c['max_logprob_gap']:.1e}", ""))
+    rows.append(("summary", f"{summary['seconds']:.0f} s", str(where)))
+    rows.insert(0, ("step", "check", "output"))
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    line = "─" * (w0 + w1 + 4 + max(len(r[2]) for r in rows))
+    text = [f"{a:{w0}s}  {b:{w1}s}  {c}".rstrip() for a, b, c in rows]
+    return [line, text[0], line, *text[1:], line]

@@ -11,15 +11,8 @@ from torch import nn
 from .adapter import AdapterSet
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
+from .io import check_out
 from .model import LowRankDelta, linear_names, load_base
-
-
-def to_exported(name: str, path: Path, adapters: AdapterSet, max_rank: int | None) -> ExportedAdapter:
-    deltas = adapters.deltas(max_rank)
-    return ExportedAdapter(
-        name=name, path=Path(path), config=adapters.config.__dict__.copy(),
-        A={n: d.A for n, d in deltas.items()}, B={n: d.B for n, d in deltas.items()},
-        rel_error={n: d.rel_error for n, d in deltas.items()})
 
 
 @torch.no_grad()
@@ -41,22 +34,23 @@ def logits_gap(model: nn.Module, first: dict[str, nn.Module], second: dict[str, 
 
 
 def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: str | Path,
-           max_rank: int | None = None, verify: bool = True, **options) -> dict:
+           max_rank: int | None = None, verify: bool = True, overwrite: bool = False, **options) -> dict:
     """Write ``adapter_dirs`` for ``target`` under ``out``; returns a report (ranks, errors, checks)."""
-    convert = get_target(target)
+    convert = get_target(target).export
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
     if max_rank is not None and max_rank < 1:
         raise SvdServeError("--max-rank must be at least 1")
-    model = load_base(base)
     names = [Path(p).name for p in adapter_dirs]
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
+    check_out(out, [base, *adapter_dirs], overwrite)
+    model = load_base(base)
     sets = [AdapterSet.load(p, model) for p in adapter_dirs]
-    exported = [to_exported(n, Path(p), s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
+    exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
     job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(model),
                     architecture=type(model).__name__, model_type=model.config.model_type,
-                    options=options, model=model)
+                    options=options, overwrite=overwrite)
     written = dict(convert(job, Path(out)))
     messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
     report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import SvdServeError
+from .io import check_out
 from .merge import delta_adapter
 from .model import load_base, resolve_targets
 
@@ -28,13 +29,15 @@ def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
 
 @torch.no_grad()
 def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int | None = None,
-            energy: float | None = None, targets: str = "all-linear") -> dict:
+            energy: float | None = None, targets: str = "all-linear", overwrite: bool = False) -> dict:
     if (rank is None) == (energy is None):
         raise SvdServeError("give exactly one of --rank K and --energy E")
     if rank is not None and rank < 1:
         raise SvdServeError("--rank must be at least 1")
     if energy is not None and not 0 < energy <= 1:
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
+    inputs = [base, finetuned]
+    check_out(out, inputs, overwrite)
     model, tuned = load_base(base), load_base(finetuned)
     if type(model) is not type(tuned):
         raise SvdServeError(f"the fine-tune is a {type(tuned).__name__}, the base a {type(model).__name__}")
@@ -62,7 +65,7 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
     base_params = dict(model.named_parameters())
     other = [n for n, p in tuned.named_parameters()
              if n not in targeted and (n not in base_params or not torch.equal(p, base_params[n]))]
-    delta_adapter(model, factors, str(base), targets).save(out)
+    delta_adapter(model, factors, str(base), targets).save(out, inputs, overwrite)
     return {"modules": len(factors), "unchanged": unchanged, "out": str(out),
             "rank": max(a.shape[0] for a, _ in factors.values()),
             "max_rel_error": max(errors.values()), "rel_errors": errors, "other_changed": other}

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from .adapter import AdapterSet
-from .io import atomic_dir
+from .io import atomic_dir, check_out
 from .model import load_base
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -20,11 +20,12 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def fold(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+def fold(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    check_out(out, [base, adapter], overwrite)
     model = load_base(base, dtype="auto")
     adapters = AdapterSet.load(adapter, model)
     adapters.fold_into(model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, [base, adapter], overwrite) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(Path(base), tmp)
     return Path(out)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .io import check_out
 from .linalg import minor_svd, top_svd
 from .merge import Factors, delta_adapter
 from .model import load_base
@@ -123,8 +124,10 @@ def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], weight: Tensor,
 
 
 def import_peft(path: str | Path, base: str | Path, out: str | Path,
-                initial: str | Path | None = None) -> dict:
+                initial: str | Path | None = None, overwrite: bool = False) -> dict:
     """PEFT adapter at ``path`` (trained on ``base``) → native adapter at ``out``; returns a report."""
+    inputs = [path, base, initial]
+    check_out(out, inputs, overwrite)
     cfg, modules = read_peft(path)
     init = cfg.get("init_lora_weights", True)
     kasa = cfg.get("kasa_config") is not None
@@ -146,6 +149,6 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
                                      init_modules[name] if init_modules is not None else None)
     order = [n for n in linear if n in factors]
     adapters = delta_adapter(model, {n: factors[n] for n in order}, str(base))
-    adapters.save(out)
+    adapters.save(out, inputs, overwrite)
     kind = "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
     return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out)}

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .adapter import AdapterSet
 from .errors import SvdServeError
+from .linalg import exact_rank
 
 
 @dataclass
@@ -84,11 +85,6 @@ def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int |
             spec.adapted_sigma = torch.linalg.svdvals(w + b.double() @ a.double()).float()
         out.append(spec)
     return out
-
-
-def exact_rank(sigma: Tensor, rtol: float = 1e-6) -> int:
-    """Number of singular values above ``rtol · σ_1``: the rule of :func:`svd_serve.linalg.compress`."""
-    return int((sigma > rtol * sigma[0]).sum()) if sigma.numel() and sigma[0] > 0 else 0
 
 
 def table(specs: list[ModuleSpectrum]) -> str:

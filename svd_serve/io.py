@@ -1,30 +1,103 @@
-"""Atomic outputs: everything is written to a temporary sibling and renamed when complete."""
+"""Safe outputs: nothing half-written, nothing of the user's replaced or deleted without asking.
+
+- Every output directory is written to a temporary sibling (``.NAME.tmp-PID``) and renamed into
+  place when complete, so a failed or killed command leaves ``--out`` as it was.
+- An ``--out`` that is, contains or lies inside one of the command's inputs is refused.
+- An existing, non-empty ``--out`` is refused unless ``overwrite`` is given, and even then it is
+  replaced only if svd-serve wrote it (it holds the :data:`MARKER` file every output gets):
+  a directory of anyone else's files is never deleted.
+- Temporaries left by a killed run (its process is gone) are removed by the next run on that
+  ``--out``, and the removal is reported.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Iterable
 
 from .errors import SvdServeError
 
+MARKER = ".svd-serve"  # an empty file in every directory svd-serve writes as an output
+_TEMP_KINDS = ("tmp", "old")
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and all(p.name == MARKER for p in path.iterdir())
+
+
+def check_out(out: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+              flag: str = "--out") -> Path:
+    """Refuse ``out`` if writing it could lose data (see the module doc); returns it as a Path."""
+    out = Path(out)
+    target = _resolved(out)
+    for given in inputs:
+        if given is None:
+            continue
+        src = _resolved(given)
+        if target == src or src in target.parents or target in src.parents:
+            where = "is" if target == src else ("lies inside" if src in target.parents else "contains")
+            raise SvdServeError(f"{flag} {out} {where} the input {given}: choose another {flag}")
+    if out.exists() and not out.is_dir():
+        raise SvdServeError(f"{flag} {out} exists and is not a directory")
+    if out.is_dir() and not is_empty_dir(out):
+        if not overwrite:
+            raise SvdServeError(f"{flag} {out} exists and is not empty: choose another {flag}, or pass "
+                                "--overwrite to replace an earlier svd-serve output")
+        if not (out / MARKER).is_file():
+            raise SvdServeError(f"{flag} {out} holds files svd-serve did not write; --overwrite replaces "
+                                "only svd-serve outputs: move them away or choose another " + flag)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of ``out`` whose process is gone."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for kind in _TEMP_KINDS:
+        for p in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    for p in removed:
+        print(f"note: removed {p}, left by an interrupted run", file=sys.stderr)
+    return removed
+
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a fresh temporary directory next to ``out``; on success it replaces ``out``,
-    on any error it is removed and ``out`` is left as it was."""
-    out = Path(out)
+def atomic_dir(out: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False):
+    """Yield a fresh temporary directory next to ``out``; on success it replaces ``out`` (checked by
+    :func:`check_out` first), on any error it is removed and ``out`` is left as it was."""
+    out = check_out(out, inputs, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SvdServeError(f"cannot create {out.parent}: {e.strerror}") from None
-    if out.exists() and not out.is_dir():
-        raise SvdServeError(f"{out} exists and is not a directory")
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+        (tmp / MARKER).touch()
     except OSError as e:
         raise SvdServeError(f"output directory {out.parent} is not writable ({e.strerror or e})") from None
     try:

@@ -7,67 +7,101 @@ Everything here works in float64 internally where accuracy matters and never for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def top_svd(w: Tensor, r: int, niter: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The ``r`` largest singular triplets of ``w`` as ``(U [m,r], S [r], Vh [r,n])``, float32.
 
-    ``niter=None`` runs an exact ``torch.linalg.svd``. An integer runs randomized subspace
-    iteration (Halko et al.) with ``niter`` power iterations on a ``max(2r, r + 8)``-column
-    sketch. Its accuracy depends on how fast the spectrum decays; measured at ``niter=4``
-    (top ``r`` singular values, max relative error, ``tests/test_linalg.py``): ``σ_i ∝ 1/i``
-    within 1e-5, ``σ_i ∝ 1/√i`` within 2e-3, flatter spectra (``σ_i ∝ i^-0.25``) only within
-    1e-2 to 6e-2. Use ``niter=None`` when the exact values matter.
+    ``niter=None`` is exact: ``eigh`` of the ``k x k`` Gram matrix in float64 (:func:`gram_components`),
+    3-10x faster than ``torch.linalg.svd`` and more accurate than its float32 result. An integer runs
+    randomized subspace iteration (Halko et al.) with ``niter`` power iterations on a
+    ``max(2r, r + 8)``-column sketch. Its accuracy depends on how fast the spectrum decays; measured
+    at ``niter=4`` (top ``r`` singular values, max relative error, ``tests/test_linalg.py``):
+    ``σ_i ∝ 1/i`` within 1e-5, ``σ_i ∝ 1/√i`` within 2e-3, flatter spectra (``σ_i ∝ i^-0.25``) only
+    within 1e-2 to 6e-2. Use ``niter=None`` when the exact values matter.
     """
     w = w.detach().float()
     if niter is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
+        k = min(w.shape)
+        us, s, vh = gram_components(w, slice(k - r, k))
+        u = us / torch.where(s > 0, s, torch.ones_like(s))  # a zero component keeps U = 0
+        return u.float().contiguous(), s.float(), vh.float().contiguous()
     q = min(max(2 * r, r + 8), min(w.shape))
     u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
     return u[:, :r].contiguous(), s[:r].contiguous(), v[:, :r].T.contiguous()
 
 
-def minor_svd(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``r`` smallest singular triplets of ``w`` (``k = min(m, n)`` of them exist).
+def gram_components(w: Tensor, which: slice) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular triplets of ``w`` picked by position in ASCENDING order of singular value (``which``
+    indexes the ``k = min(m, n)`` of them), from ``eigh`` of the ``k x k`` Gram matrix in float64.
 
-    Uses ``eigh`` of the ``k x k`` Gram matrix in float64 instead of a full SVD. Returned as
-    ``(US [m,r], S [r], Vh [r,n])`` sorted by descending singular value, where ``US = U diag(S)``
-    is computed as ``W V`` (for ``m >= n``) so that ``US @ Vh`` is the exact projection of ``W``
-    on the minor subspace even when some singular values are zero.
+    Returned in float64 as ``(US [m,r], S [r], Vh [r,n])`` sorted by descending singular value, where
+    ``US = U diag(S)`` is computed as ``W V`` (for ``m >= n``; ``Uᵀ W`` is split for ``m < n``) so that
+    ``US @ Vh`` is the exact projection of ``W`` on the chosen subspace even when some singular values
+    are zero (their ``US`` is zero and their ``Vh`` row any unit vector).
     """
     w64 = w.detach().double()
     m, n = w64.shape
+    evals, evecs = torch.linalg.eigh(w64.T @ w64 if m >= n else w64 @ w64.T)  # ascending
+    vecs = evecs[:, which].flip(-1)
+    s = evals[which].flip(-1).clamp_min(0).sqrt()
     if m >= n:
-        evals, evecs = torch.linalg.eigh(w64.T @ w64)  # ascending
-        v = evecs[:, :r].flip(-1)  # [n, r], descending sigma
-        us = w64 @ v
-        s = evals[:r].flip(-1).clamp_min(0).sqrt()
-        return us.float(), s.float(), v.T.float().contiguous()
-    evals, evecs = torch.linalg.eigh(w64 @ w64.T)
-    u = evecs[:, :r].flip(-1)  # [m, r]
-    s = evals[:r].flip(-1).clamp_min(0).sqrt()
-    # W = U S Vh  =>  the minor part is U Uᵀ W = U (Uᵀ W); write it as (U S) · (S⁻¹ Uᵀ W) where S > 0.
-    uw = u.T @ w64  # [r, n] = S Vh
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    vh = uw / safe[:, None]
-    us = u * s
-    # Where S == 0 the component is zero: keep US = 0 and any unit vector in Vh.
+        return w64 @ vecs, s, vecs.T.contiguous()
+    # W = U S Vh  =>  the part on U's span is U (Uᵀ W) = (U S) · (S⁻¹ Uᵀ W) where S > 0
+    vh = (vecs.T @ w64) / torch.where(s > 0, s, torch.ones_like(s))[:, None]
+    return vecs * s, s, vh
+
+
+def minor_svd(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``r`` smallest singular triplets of ``w`` (``k = min(m, n)`` of them exist), as
+    ``(US [m,r], S [r], Vh [r,n])`` float32 by descending singular value (:func:`gram_components`)."""
+    us, s, vh = gram_components(w, slice(0, r))
     return us.float(), s.float(), vh.float().contiguous()
 
 
-@dataclass
-class LowRank:
-    """``ΔW = B @ A`` with ``A [rank, n]`` and ``B [m, rank]`` and its singular values."""
+class LowRank(NamedTuple):
+    """``ΔW = B @ A`` with ``A [r, n]`` and ``B [m, r]``: the one low-rank type of svd-serve.
+
+    Always in this order, (A, B), whatever the method or file format; any scale is already in B.
+    """
 
     A: Tensor
     B: Tensor
-    sigma: Tensor  # singular values of B @ A, descending (all of them, before any truncation)
-    rank: int
-    rel_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F after truncation (0.0 when exact)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self) -> Tensor:
+        """The ``m x n`` matrix (float32). Only for one module at a time, never for a whole model."""
+        return self.B.float() @ self.A.float()
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x ↦ B (A x)`` over the last dimension, without forming ``B A``."""
+        return F.linear(F.linear(x, self.A), self.B)
+
+    def scaled(self, c: float | Tensor) -> "LowRank":
+        return LowRank(self.A, self.B * c)
+
+    def float(self) -> "LowRank":
+        return LowRank(self.A.detach().float(), self.B.detach().float())
+
+    @staticmethod
+    def cat(parts: list["LowRank"]) -> "LowRank":
+        """``Σ B_i A_i`` as one pair of factors (rank = Σ r_i)."""
+        return LowRank(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts], dim=1))
+
+    @staticmethod
+    def from_svd(u: Tensor, s: Tensor, vh: Tensor, scale: float = 1.0) -> "LowRank":
+        """``U diag(S) Vh = scale · B A`` with the singular values shared evenly between the factors:
+        ``B = U √(S/scale)``, ``A = √(S/scale) Vh`` (PiSSA's split, and every balanced export)."""
+        root = (s / scale).sqrt()
+        return LowRank(root[:, None] * vh, u * root)
 
 
 def factored_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,7 +122,25 @@ def exact_rank(s: Tensor, rtol: float = 1e-6) -> int:
     return int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
 
 
-def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> LowRank:
+@dataclass
+class Compressed:
+    """What :func:`compress` returns: the factors and how they were chosen."""
+
+    factors: LowRank
+    sigma: Tensor  # singular values of B @ A, descending (all of them, before any truncation)
+    rank: int  # components kept (0 for a zero ΔW, written as one zero component)
+    rel_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F after truncation (0.0 when exact)
+
+    @property
+    def A(self) -> Tensor:
+        return self.factors.A
+
+    @property
+    def B(self) -> Tensor:
+        return self.factors.B
+
+
+def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> Compressed:
     """Rewrite ``ΔW = b @ a`` (``a [r, n]``, ``b [m, r]``) in its smallest exact rank
     (:func:`factored_svd`, :func:`exact_rank`). With ``max_rank`` the best rank-``max_rank``
     approximation (Eckart–Young) is returned with its relative Frobenius error.
@@ -101,8 +153,7 @@ def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e
     # only components dropped by max_rank count: the ones below rtol are zero, so exact means 0.0
     err = float(s[keep:exact].square().sum() / total) ** 0.5 if total > 0 else 0.0
     keep_nz = max(keep, 1)  # a zero delta is written as one zero component, never as rank 0
-    root = s[:keep_nz].sqrt() if keep > 0 else torch.zeros(1, dtype=s.dtype)
-    new_b = u[:, :keep_nz] * root
-    new_a = root[:, None] * vh[:keep_nz]
-    return LowRank(A=new_a.float().contiguous(), B=new_b.float().contiguous(),
-                   sigma=s.float(), rank=keep, rel_error=err)
+    kept = s[:keep_nz] if keep > 0 else torch.zeros(1, dtype=s.dtype)
+    a_new, b_new = LowRank.from_svd(u[:, :keep_nz], kept, vh[:keep_nz])
+    return Compressed(LowRank(a_new.float().contiguous(), b_new.float().contiguous()),
+                      sigma=s.float(), rank=keep, rel_error=err)

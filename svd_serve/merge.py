@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .adapter import AdapterConfig, AdapterSet
 from .errors import SvdServeError
 from .fold import copy_tokenizer_files
-from .io import atomic_dir
+from .io import atomic_dir, check_out
 from .linalg import LowRank, compress, exact_rank, factored_svd
 from .methods.delta import Delta
 from .model import add_low_rank_, fingerprint, linear_names, load_base
@@ -233,9 +233,11 @@ def check_args(method: str, adapter_dirs: list, weights: list[float] | None, den
 
 def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, method: str,
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
-          fold: bool = False, rank: int | None = None, shared: str = "ties") -> dict:
+          fold: bool = False, rank: int | None = None, shared: str = "ties", overwrite: bool = False) -> dict:
     """Merge native adapters of one base; returns a report (output kind, ranks, errors)."""
     weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared)
+    inputs = [base, *adapter_dirs]
+    check_out(out, inputs, overwrite)
     model = load_base(base, dtype="auto")
     sets = []
     for path in adapter_dirs:
@@ -261,14 +263,14 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     if fold:
         for name, f in merged.items():
             add_low_rank_(model.get_submodule(name).weight, *f)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, inputs, overwrite) as tmp:
             model.save_pretrained(tmp)
             copy_tokenizer_files(Path(base), tmp)
         report["kind"] = "checkpoint"
         return report
     if method != "twin":
         lows = {name: compress(*f, max_rank=rank) for name, f in merged.items()}
-        delta_adapter(model, {n: (lr.A, lr.B) for n, lr in lows.items()}, str(base)).save(out)
+        delta_adapter(model, {n: (lr.A, lr.B) for n, lr in lows.items()}, str(base)).save(out, inputs, overwrite)
         report.update(kind="adapter", **_rank_report(lows))
         return report
 
@@ -280,7 +282,7 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
             a, b = (d[name].A, d[name].B) if name in d else (torch.zeros(1, n), torch.zeros(m, 1))
             residuals[t][name] = compress(torch.cat([a, sa]), torch.cat([b, -sb], 1), max_rank=rank)
         add_low_rank_(model.get_submodule(name).weight, sa, sb)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, inputs, overwrite) as tmp:
         model.save_pretrained(tmp / "base")
         copy_tokenizer_files(Path(base), tmp / "base")
         report["kind"] = "twin"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SvdServeError
+from .linalg import LowRank
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
@@ -101,6 +102,39 @@ class AdaptedLinear(nn.Module):
         return self.base(x) + self.adapter(x)
 
 
+class AbsorbedLinear(nn.Module):
+    """Training's fast path for an adapted Linear: ``base'(x) + trainable(x)``, where the run's own copy
+    of the base weight absorbs the adapter's frozen term (``W + B_f A_f``, see :func:`absorb_frozen`);
+    the sum is one ``addmm``."""
+
+    def __init__(self, base: nn.Linear, adapter: nn.Module):
+        super().__init__()
+        self.base, self.adapter = base, adapter
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.adapter.trainable_factors()
+        y, xa = self.base(x), F.linear(x, a)  # (in bfloat16 runs autocast casts a and b)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t()).view_as(y)
+
+
+@torch.no_grad()
+def absorb_frozen(model: nn.Module) -> None:
+    """Make every :class:`AdaptedLinear` of ``model`` an :class:`AbsorbedLinear` (one low-rank product
+    fewer where the method has a frozen term, one pass fewer everywhere). It changes this model's
+    base weights, so only a run's private copy of the base may take it; the adapters, their frozen
+    buffers and ``delta()`` stay as they are."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, AdaptedLinear):
+            frozen = mod.adapter.frozen_factors()
+            if frozen is not None:
+                add_low_rank_(mod.base.weight, *frozen)
+            set_module(model, name, AbsorbedLinear(mod.base, mod.adapter))
+
+
 class LowRankDelta(nn.Module):
     """``x ↦ B (A x)``: how any LoRA runtime applies an exported adapter (scale already in B)."""
 
@@ -110,7 +144,7 @@ class LowRankDelta(nn.Module):
         self.register_buffer("B", b)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x.to(self.A.dtype), self.A), self.B).to(x.dtype)
+        return LowRank(self.A, self.B).apply(x.to(self.A.dtype)).to(x.dtype)
 
 
 @torch.no_grad()

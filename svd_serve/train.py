@@ -1,9 +1,15 @@
-"""``svd-serve train``: the adapter training loop, top to bottom.
+"""``svd-serve train``: the adapter training loop, in phases that read top to bottom.
 
-load base → targets → (calibrate) → init adapter (or resume a checkpoint) → AdamW over the adapter only
-→ per step: one global batch (all accumulation steps, all ranks), loss = Σ masked cross-entropy / target
-tokens of the whole global batch + the method's regularizer → all-reduce gradients → clip → step
-→ log, evaluate, checkpoint → the final adapter at ``out``.
+    train(cfg)
+      check_config   every bad input is refused before any work (options, files, output directory)
+      Processes      one process, or data-parallel ranks under torchrun (distributed.py)
+      setup          base → examples → targets → (calibrate) → adapter, fresh or a checkpoint's
+                     → AdamW over the adapter only → the run's state (fresh or the checkpoint's)
+      fit            per step: lr → one global batch (all accumulation steps, all ranks), loss =
+                     Σ masked cross-entropy / target tokens of the whole global batch + the method's
+                     regularizer → gradients summed over ranks → clip → step → the method's hook
+                     → record, evaluate, checkpoint (checkpoint.py)
+      finish         the final adapter at ``out``, the loss plot
 
 A micro-batch's examples are packed into fewer rows of the same width (positions restarting at 0
 for each) when a check at the start shows the model keeps them apart; otherwise they are padded.
@@ -18,44 +24,49 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet, make_options, parse_option_values
+from . import checkpoint
+from .adapter import AdapterSet, make_options, parse_option_values
 from .calib import input_covariances
+from .checkpoint import TrainState
 from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
+from .distributed import Processes
 from .errors import SvdServeError
-from .io import atomic_dir, atomic_write_text
-from .methods import get_method
-from .model import check_base_dir, load_base, resolve_targets
+from .io import MARKER
+from .methods import DEFAULT_METHOD, Options, get_method
+from .methods.base import field_kind, parse_value
+from .model import absorb_frozen, check_base_dir, load_base, resolve_targets
 
-REG_FIELDS = ("beta", "gamma", "reg")  # option fields that weight a method's regularizer
-STATE_NAME = "trainer_state.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run, with its default (the CLI and config files read these defaults)."""
+
     base: str
     data: str
     out: str
     # adapter
-    method: str = "kasa"
-    rank: int | None = None
-    alpha: float | None = None
+    method: str = DEFAULT_METHOD
+    rank: int | None = None  # = options["rank"] (None: the method's default)
+    alpha: float | None = None  # = options["alpha"]
     targets: str = "q_proj,v_proj"
-    options: dict = field(default_factory=dict)  # method options, e.g. {"ratio": 0.2}
-    reg: dict = field(default_factory=dict)  # regularizer coefficients, e.g. {"beta": 1e-3}
+    options: dict = field(default_factory=dict)  # the method's options, e.g. {"ratio": 0.2}
+    reg: dict = field(default_factory=dict)  # its regularizer weights only, e.g. {"beta": 1e-3}
     calib_data: str | None = None
     # data
     max_length: int = 512
@@ -68,11 +79,11 @@ class TrainConfig:
     batch_size: int = 4  # per process and accumulation step
     grad_accum: int = 1
     lr: float = 4e-4
-    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    schedule: str = "cosine"  # one of SCHEDULES, after warmup
     warmup: float = 0.0  # steps if >= 1, else a fraction of all steps
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; adapter parameters stay float32)
+    dtype: str = "float32"  # one of DTYPES (autocast; adapter parameters stay float32)
     gradient_checkpointing: bool = False
     absorb_frozen: bool = True  # fold frozen low-rank terms into this run's private base copy (faster)
     seed: int = 0
@@ -81,6 +92,7 @@ class TrainConfig:
     save_every: int | None = None
     keep_checkpoints: int = 3  # the last few, plus the best by eval loss
     resume: bool = False
+    overwrite: bool = False  # replace an earlier svd-serve run at ``out`` (its files only)
     device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
     progress: bool = True
 
@@ -105,23 +117,46 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise SvdServeError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        for key, value in values.items():  # YAML reads 1e-4 as a string: parse by the field's type
+            kind, optional = field_kind(TrainConfig, key)
+            if kind is not None:
+                try:
+                    values[key] = parse_value(kind, optional, key, value)
+                except SvdServeError as e:
+                    raise SvdServeError(f"{path}: {e}") from None
     values.update(overrides)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None  # 0 turns clipping off
     missing = [k for k in ("base", "data", "out") if not values.get(k)]
     if missing:
         raise SvdServeError(f"missing {', '.join('--' + k for k in missing)} (as flags or in --config)")
-    for key in ("options", "reg"):  # "beta=1e-3" strings or {"beta": 1e-3} mappings
-        raw = values.get(key) or {}
-        if isinstance(raw, dict):
-            raw = [f"{k}={v}" for k, v in raw.items()]
-        if key == "reg":
-            _check_reg(values.get("method", "kasa"), [p.partition("=")[0].strip().replace("-", "_") for p in raw])
-        values[key] = parse_option_values(values.get("method", "kasa"), list(raw))
-    return TrainConfig(**values)
+    for key in ("options", "reg"):  # ["beta=1e-3"] strings or {"beta": 1e-3} mappings
+        values[key] = parse_option_values(values.get("method", DEFAULT_METHOD), values.get(key) or {})
+    cfg = TrainConfig(**values)
+    method_options(cfg)  # refuse bad method options now
+    return cfg
 
 
-# --- data order ------------------------------------------------------------------------------------
+def method_options(cfg: TrainConfig) -> Options:
+    """The method's options from ``options`` (``-o``), ``reg`` (``--reg``: regularizer weights only),
+    ``rank`` and ``alpha``; a key given twice is refused."""
+    weights = get_method(cfg.method).Options.regularizer_weights()
+    for key in cfg.reg:
+        if key not in weights:
+            has = f"its coefficients: {', '.join(weights)}" if weights else "it has no regularizer"
+            raise SvdServeError(f"--reg {key}: not a regularizer coefficient of {cfg.method} ({has})")
+    values = dict(cfg.options)
+    for flag, given in (("--reg", cfg.reg), ("--rank", {"rank": cfg.rank}), ("--alpha", {"alpha": cfg.alpha})):
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key in values:
+                raise SvdServeError(f"{key} is given twice (in -o/options and as {flag})")
+            values[key] = value
+    return make_options(cfg.method, **values)
+
+
+# --- data order and schedule -----------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
@@ -152,251 +187,8 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (1 - progress)
 
 
-# --- the run ---------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Path:
-    method_cls = get_method(cfg.method)
-    out = Path(cfg.out)
-    _check_config(cfg, method_cls)
-    check_base_dir(cfg.base)
-    rows = read_jsonl(cfg.data)
-    eval_rows = read_jsonl(cfg.eval_data) if cfg.eval_data else None
-    if cfg.eval_split:
-        rows, eval_rows = split(rows, cfg.eval_split, cfg.seed)
-    calib_rows = read_jsonl(cfg.calib_data) if cfg.calib_data and not cfg.resume else None
-    resume_dir = _latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_dir is None:
-        raise SvdServeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if not cfg.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise SvdServeError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
-
-    # processes and devices
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    if cfg.device:
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if master:
-        _check_writable(out)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    say = print if master else (lambda *a, **k: None)
-
-    # model, tokenizer, data
-    from transformers import AutoTokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = load_base(cfg.base, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    examples = [encode(r, tokenizer, cfg.max_length) for r in rows]
-    evals = [encode(r, tokenizer, cfg.max_length) for r in eval_rows] if eval_rows else []
-    truncated = sum(e.truncated for e in examples) + sum(e.truncated for e in evals)
-    if truncated:
-        say(f"note: {truncated} of {len(examples) + len(evals)} rows truncated to --max-length {cfg.max_length}")
-    if cfg.pack:
-        n_rows = len(examples)
-        examples = pack(examples, cfg.max_length)
-        say(f"packed {n_rows} rows into {len(examples)} rows of at most {cfg.max_length} tokens")
-    size = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all ranks together
-    total_steps = cfg.steps or max(1, round((cfg.epochs or 1) * math.ceil(len(examples) / size)))
-    data_sig = [len(examples), sum(e.n_targets for e in examples)]
-
-    # adapter: fresh, or the checkpoint's
-    if resume_dir is not None:
-        adapters = AdapterSet.load(resume_dir, model)
-        if adapters.config.method != cfg.method:
-            raise SvdServeError(f"--resume: the checkpoint trains {adapters.config.method}, not {cfg.method}")
-    else:
-        targets = resolve_targets(model, cfg.targets)
-        covs = input_covariances(model, targets, calib_rows, tokenizer, cfg.max_length) if calib_rows else None
-        opts = make_options(cfg.method, cfg.rank, cfg.alpha, **{**cfg.options, **cfg.reg})
-        adapters = AdapterSet.create(model, cfg.method, opts, targets, cfg.targets, covs,
-                                     base_model=str(cfg.base), progress=cfg.progress and master)
-    model.requires_grad_(False)
-    adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
-    if cfg.absorb_frozen:
-        _absorb_frozen(model, adapters)
-    model.to(device)
-    model.config.use_cache = False
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
-    make_batch = functools.partial(collate, pad_id=pad_id)
-    if _packing_is_exact(model, examples, pad_id, device, autocast):
-        make_batch = functools.partial(collate_packed, pad_id=pad_id)  # fewer rows, same loss
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in adapters.parameters() if p.requires_grad]
-    if ddp:  # every rank starts from rank 0's adapter
-        for t in adapters.state_dict().values():
-            dist.broadcast(t, 0)
-    try:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # no fused kernel for this device
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    # resume state
-    start, best, tokens_seen = 0, None, 0
-    if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_NAME, map_location="cpu", weights_only=False)
-        if state["global_batch"] != size or state["data"] != data_sig or state["total_steps"] != total_steps:
-            raise SvdServeError(f"--resume: {resume_dir} was trained with a different data file, global batch "
-                                "(batch size × grad accum × processes) or number of steps")
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, tokens_seen = state["step"], state["best"], state["tokens"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        say(f"resumed from {resume_dir} at step {start}")
-    metrics = out / "metrics.jsonl"
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics, start)
-
-    def evaluate() -> float:
-        model.eval()
-        stats = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for i in range(rank * cfg.batch_size, len(evals), world * cfg.batch_size):
-                batch = make_batch(evals[i:i + cfg.batch_size])
-                stats += torch.stack(_loss_sum(model, batch, device, autocast)).double()
-        if ddp:
-            dist.all_reduce(stats)
-        model.train()
-        return (stats[0] / stats[1].clamp_min(1)).item()
-
-    # the loop
-    model.train()
-    run_start, run_tokens = time.perf_counter(), 0
-    n_targets_of = [e.n_targets for e in examples]
-    bar = tqdm(total=total_steps, initial=start, desc=f"train {cfg.method}", disable=not (cfg.progress and master),
-               dynamic_ncols=True)
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch_ids = global_batch(step, len(examples), size, cfg.seed)
-        n_targets = max(1, sum(n_targets_of[i] for i in batch_ids))  # of the whole global batch
-        step_tokens = sum(len(examples[i].input_ids) for i in batch_ids)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=device)
-        reg = None
-        for micro in range(cfg.grad_accum):
-            first = (micro * world + rank) * cfg.batch_size
-            batch = make_batch([examples[i] for i in batch_ids[first:first + cfg.batch_size]])
-            ce, _ = _loss_sum(model, batch, device, autocast)
-            loss = ce / n_targets
-            if micro == cfg.grad_accum - 1 and (reg := adapters.regularizer()) is not None:
-                loss = loss + reg / world  # once per update, over all ranks together
-            loss.backward()
-            ce_sum += ce.detach().double()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if ddp:  # one all-reduce of every adapter gradient and the loss sum
-            flat = torch.cat([g.reshape(-1) for g in grads] + [ce_sum.float().reshape(1)])
-            dist.all_reduce(flat)
-            for g, p, chunk in zip(grads, params, flat[:-1].split([g.numel() for g in grads])):
-                p.grad = chunk.view_as(g)
-            ce_sum = flat[-1].double()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True) if cfg.max_grad_norm
-                     else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # records
-        done = step + 1
-        tokens_seen += step_tokens
-        run_tokens += step_tokens
-        record = {"step": done, "loss": ce_sum.item() / n_targets, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens": tokens_seen, "tokens_per_s": step_tokens / (time.perf_counter() - t0),
-                  "elapsed": time.perf_counter() - run_start}
-        if reg is not None:  # at the parameters the loss was taken at
-            record["reg"] = reg.item()
-        if not math.isfinite(record["loss"]):
-            raise SvdServeError(f"the loss is {record['loss']} at step {done}; lower --lr or use float32 "
-                                f"(the last checkpoint, if any, is intact)")
-        bar.update(1)
-        tok_s = run_tokens / (time.perf_counter() - run_start)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        save_now = bool(cfg.save_every) and done % cfg.save_every == 0 and done < total_steps
-        eval_now = bool(evals) and (done == total_steps or (
-            done % cfg.eval_every == 0 if cfg.eval_every else save_now))
-        if eval_now:
-            record["eval_loss"] = evaluate()
-            if save_now and (best is None or record["eval_loss"] < best[0]):
-                best = (record["eval_loss"], done)  # the best checkpoint is kept
-        if master:
-            with metrics.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if save_now:
-                rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                       "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-                save_checkpoint(out, done, adapters, {
-                    "step": done, "optimizer": optimizer.state_dict(), "rng": rng, "best": best,
-                    "tokens": tokens_seen, "global_batch": size, "data": data_sig, "total_steps": total_steps,
-                    "config": dataclasses.asdict(cfg)}, cfg.keep_checkpoints)
-    bar.close()
-
-    # every rank must hold rank 0's adapter; only rank 0 writes
-    if ddp:
-        for name, t in adapters.state_dict().items():
-            ref = t.clone()
-            dist.broadcast(ref, 0)
-            if not torch.equal(ref, t):
-                raise SvdServeError(f"rank {rank} diverged from rank 0 at {name}")
-    model.eval()
-    if master:
-        _save_final(adapters, out)
-        if best is not None:
-            say(f"best checkpoint: step {best[1]}, eval loss {best[0]:.4f}")
-        _plot(metrics, out / "loss.png")
-    if ddp:
-        dist.barrier()
-    return out
-
-
-class _AbsorbedLinear(torch.nn.Module):
-    """``base'(x) + trainable(x)`` where ``base'.weight = W + B_f A_f`` absorbs the adapter's frozen term
-    (if it has one); the sum is one ``addmm`` (no separate pass adding the two)."""
-
-    def __init__(self, base: torch.nn.Linear, adapter):
-        super().__init__()
-        self.base, self.adapter = base, adapter
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def forward(self, x):
-        a, b = self.adapter.trainable_factors()
-        y, xa = self.base(x), F.linear(x, a)  # (in bfloat16 runs autocast casts a and b)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t()).view_as(y)
-
-
-@torch.no_grad()
-def _absorb_frozen(model, adapters: AdapterSet) -> None:
-    """Training-time fast path: every adapted layer an :class:`_AbsorbedLinear` (one low-rank product
-    fewer where the method has a frozen term, one pass fewer everywhere). It changes only this run's
-    own copy of the base weights; the adapter, its frozen buffers and ``delta()`` stay as they are."""
-    from .model import AdaptedLinear, add_low_rank_, set_module
-
-    for name, layer in adapters.items():
-        frozen = layer.frozen_factors()
-        mod = model.get_submodule(name)
-        if not isinstance(mod, AdaptedLinear):
-            continue
-        if frozen is not None:
-            add_low_rank_(mod.base.weight, *frozen)
-        set_module(model, name, _AbsorbedLinear(mod.base, layer))
-
-
-def _loss_sum(model, batch, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+# --- the loss --------------------------------------------------------------------------------------
+def loss_sum(model: nn.Module, batch: dict, device="cpu", autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ cross-entropy over target tokens (float32, at the target positions only) and their count.
     A :func:`collate_packed` batch has position ids and no attention mask (and must have no cache:
     one would hide the boundaries between its examples)."""
@@ -414,7 +206,7 @@ def _logits(model, batch, device, autocast) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _packing_is_exact(model, examples, pad_id, device, autocast) -> bool:
+def packing_is_exact(model, examples, pad_id, device="cpu", autocast=nullcontext) -> bool:
     """Whether this model keeps the examples of a :func:`collate_packed` row apart (transformers finds
     them from the restarting position ids): a long example's second half, packed after its first
     half, must get the logits it gets alone."""
@@ -436,113 +228,279 @@ def _packing_is_exact(model, examples, pad_id, device, autocast) -> bool:
     return bool((packed - alone).abs().max() <= tol * alone.abs().max())
 
 
-# --- checks, checkpoints, records ------------------------------------------------------------------
-def _check_config(cfg: TrainConfig, method_cls) -> None:
+# --- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the phases share: built by :func:`setup`. Only ``state`` (and the adapter) is saved."""
+
+    cfg: TrainConfig
+    procs: Processes
+    model: nn.Module
+    tokenizer: object
+    adapters: AdapterSet
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    examples: list[Example]
+    evals: list[Example]
+    make_batch: Callable[[list[Example]], dict]
+    autocast: Callable
+    state: TrainState
+    resumed_from: Path | None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def total_steps(self) -> int:
+        return self.state.total_steps
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_sum(self.model, batch, self.procs.device, self.autocast)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, write the adapter, records and checkpoints to ``cfg.out``, and return that path."""
+    opts = check_config(cfg)
+    rows = read_data(cfg)
+    procs = Processes.start(cfg.device)
+    resume_from = prepare_out(cfg, procs)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    run = setup(cfg, procs, opts, rows, resume_from)
+    fit(run)
+    finish(run)
+    return run.out
+
+
+def check_config(cfg: TrainConfig) -> Options:
+    """Refuse a bad setting with one clear error; returns the method's options."""
+    method = get_method(cfg.method)
+    check_base_dir(cfg.base)
     if cfg.steps is not None and cfg.epochs is not None:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
         raise SvdServeError("give --eval-data or --eval-split, not both")
-    if method_cls.needs_calibration and not cfg.calib_data and not cfg.resume:
+    if method.needs_calibration and not cfg.calib_data and not cfg.resume:
         raise SvdServeError(f"method {cfg.method} needs --calib-data")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise SvdServeError(f"--dtype must be float32 or bfloat16, not {cfg.dtype}")
-    if cfg.schedule not in ("cosine", "linear", "constant"):
-        raise SvdServeError(f"--schedule must be cosine, linear or constant, not {cfg.schedule}")
-    for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
+    if cfg.dtype not in DTYPES:
+        raise SvdServeError(f"--dtype must be {' or '.join(DTYPES)}, not {cfg.dtype}")
+    if cfg.schedule not in SCHEDULES:
+        raise SvdServeError(f"--schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, not {cfg.schedule}")
+    for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints", "steps", "save_every", "eval_every"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
             raise SvdServeError(f"--{name.replace('_', '-')} must be at least 1")
-    _check_reg(cfg.method, list(cfg.reg))
+    for name, low, strict in (("lr", 0, True), ("epochs", 0, True), ("warmup", 0, False),
+                              ("weight_decay", 0, False), ("max_grad_norm", 0, False)):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise SvdServeError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
+                                f"{low}, not {value}")
+    return method_options(cfg)
 
 
-def _check_reg(method: str, keys: list[str]) -> None:
-    fields = {f.name for f in dataclasses.fields(get_method(method).Options)}
-    coeffs = [k for k in REG_FIELDS if k in fields]
-    for key in keys:
-        if key not in coeffs:
-            has = f"its coefficients: {', '.join(coeffs)}" if coeffs else "it has no regularizer"
-            raise SvdServeError(f"--reg {key}: not a regularizer coefficient of {method} ({has})")
+class Rows(NamedTuple):
+    train: list[dict]
+    eval: list[dict] | None  # --eval-data, or --eval-split of the data
+    calib: list[dict] | None  # --calib-data of a fresh run
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be created or written (nothing is created here)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SvdServeError(f"cannot create output directory {out}: {existing} is not a directory")
-    try:  # a real probe: os.access says yes to root everywhere, /proc and read-only mounts included
-        tempfile.TemporaryDirectory(dir=existing, prefix=".svd-serve-probe-").cleanup()
-    except OSError as e:
-        raise SvdServeError(f"output directory {existing} is not writable ({e.strerror or e})") from None
+def read_data(cfg: TrainConfig) -> Rows:
+    rows = read_jsonl(cfg.data)
+    eval_rows = read_jsonl(cfg.eval_data) if cfg.eval_data else None
+    if cfg.eval_split:
+        rows, eval_rows = split(rows, cfg.eval_split, cfg.seed)
+    return Rows(rows, eval_rows, read_jsonl(cfg.calib_data) if cfg.calib_data and not cfg.resume else None)
 
 
-def save_checkpoint(out: Path, step: int, adapters: AdapterSet, state: dict, keep: int) -> Path:
-    """``out/checkpoints/step-N/``: a loadable adapter plus the trainer state, written atomically; then
-    prune to the last ``keep`` checkpoints and the best one."""
-    path = out / "checkpoints" / f"step-{step}"
+def prepare_out(cfg: TrainConfig, procs: Processes) -> Path | None:
+    """The checkpoint to resume from (``--resume``), or a fresh ``out`` (an earlier run's files removed
+    with ``--overwrite``); either way ``out`` is writable."""
+    out = Path(cfg.out)
+    resume_from = checkpoint.latest(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise SvdServeError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if not cfg.resume:
+        checkpoint.prepare_out(out, [cfg.base, cfg.data, cfg.eval_data, cfg.calib_data], cfg.overwrite,
+                               remove=procs.master)
+    if procs.master:
+        checkpoint.check_writable(out)
+    return resume_from
+
+
+def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_from: Path | None) -> Run:
+    """The base, the examples, the adapter attached to the base (fresh, or the checkpoint's), the
+    optimizer, and the state to start from."""
+    from transformers import AutoTokenizer
+
+    dtype = DTYPES[cfg.dtype]
+    model = load_base(cfg.base, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    examples, evals = encode_examples(cfg, tokenizer, rows, procs.say)
+    adapters = (resume_adapter(cfg, model, resume_from) if resume_from is not None
+                else new_adapter(cfg, opts, model, tokenizer, rows.calib, progress=cfg.progress and procs.master))
+    model.requires_grad_(False)
+    adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
+    if cfg.absorb_frozen:
+        absorb_frozen(model)
+    model.to(procs.device)
+    model.config.use_cache = False
+    autocast = functools.partial(torch.autocast, procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    packed = packing_is_exact(model, examples, pad_id, procs.device, autocast)  # fewer rows, same loss
+    make_batch = functools.partial(collate_packed if packed else collate, pad_id=pad_id)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    procs.broadcast_(adapters.state_dict().values())  # every rank starts from rank 0's adapter
+    params = [p for p in adapters.parameters() if p.requires_grad]
     try:
-        with atomic_dir(path) as tmp:
-            adapters.save(tmp)  # (itself atomic: it replaces tmp with a directory holding the adapter)
-            torch.save(state, tmp / STATE_NAME)
-    except OSError as e:
-        raise SvdServeError(f"cannot write checkpoint {path}: {e.strerror or e}; "
-                            "the previous checkpoints are intact") from None
-    best_step = state["best"][1] if state["best"] else None
-    if best_step is not None:
-        atomic_write_text(out / "checkpoints" / "best.json",
-                          json.dumps({"step": best_step, "eval_loss": state["best"][0]}) + "\n")
-    steps = sorted(_checkpoint_steps(out))
-    for s in steps[:-keep]:
-        if s != best_step:
-            shutil.rmtree(out / "checkpoints" / f"step-{s}", ignore_errors=True)
-    return path
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    size = cfg.batch_size * cfg.grad_accum * procs.world  # examples per optimizer step, all ranks together
+    state = TrainState(global_batch=size, data=[len(examples), sum(e.n_targets for e in examples)],
+                       total_steps=cfg.steps or max(1, round((cfg.epochs or 1) * math.ceil(len(examples) / size))),
+                       config=dataclasses.asdict(cfg))
+    if resume_from is not None:
+        saved = checkpoint.load_state(resume_from)
+        if not saved.same_run(state):
+            raise SvdServeError(f"--resume: {resume_from} was trained with a different data file, global batch "
+                                "(batch size × grad accum × processes) or number of steps")
+        optimizer.load_state_dict(saved.optimizer)
+        saved.restore_rng(procs.device)
+        state = dataclasses.replace(saved, config=state.config)
+        procs.say(f"resumed from {resume_from} at step {state.step}")
+    if procs.master:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
+        checkpoint.truncate_metrics(out / "metrics.jsonl", state.step)
+    return Run(cfg, procs, model, tokenizer, adapters, params, optimizer, examples, evals, make_batch, autocast,
+               state, resume_from)
 
 
-def _checkpoint_steps(out: Path) -> list[int]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    return [int(p.name[5:]) for p in root.iterdir()
-            if p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_NAME).is_file()]
+def encode_examples(cfg: TrainConfig, tokenizer, rows: Rows, say: Callable) -> tuple[list[Example], list[Example]]:
+    examples = [encode(r, tokenizer, cfg.max_length) for r in rows.train]
+    evals = [encode(r, tokenizer, cfg.max_length) for r in rows.eval or []]
+    truncated = sum(e.truncated for e in examples) + sum(e.truncated for e in evals)
+    if truncated:
+        say(f"note: {truncated} of {len(examples) + len(evals)} rows truncated to --max-length {cfg.max_length}")
+    if cfg.pack:
+        n_rows = len(examples)
+        examples = pack(examples, cfg.max_length)
+        say(f"packed {n_rows} rows into {len(examples)} rows of at most {cfg.max_length} tokens")
+    return examples, evals
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    steps = _checkpoint_steps(out)
-    return out / "checkpoints" / f"step-{max(steps)}" if steps else None
+def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, calib: list[dict] | None,
+                progress: bool) -> AdapterSet:
+    targets = resolve_targets(model, cfg.targets)
+    covs = input_covariances(model, targets, calib, tokenizer, cfg.max_length) if calib else None
+    return AdapterSet.create(model, cfg.method, opts, targets, cfg.targets, covs, base_model=str(cfg.base),
+                             progress=progress)
 
 
-def _save_final(adapters: AdapterSet, out: Path) -> None:
-    """The adapter files at ``out`` itself, beside checkpoints/ and the records (which atomic_dir(out)
-    would replace): write to a temporary folder, then move the weights and, last, the config in."""
-    tmp = adapters.save(out / ".final.tmp")
-    os.replace(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME)
-    os.replace(tmp / CONFIG_NAME, out / CONFIG_NAME)
-    tmp.rmdir()
+def resume_adapter(cfg: TrainConfig, model: nn.Module, path: Path) -> AdapterSet:
+    adapters = AdapterSet.load(path, model)
+    if adapters.config.method != cfg.method:
+        raise SvdServeError(f"--resume: the checkpoint trains {adapters.config.method}, not {cfg.method}")
+    return adapters
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+def fit(run: Run) -> None:
+    """The loop: one :func:`train_step` per optimizer step, then its record, evaluation and checkpoint."""
+    cfg, state, procs = run.cfg, run.state, run.procs
+    metrics = run.out / "metrics.jsonl"
+    run.model.train()
+    start, run_tokens = time.perf_counter(), 0
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train {cfg.method}",
+               disable=not (cfg.progress and procs.master), dynamic_ncols=True)
+    for step in range(state.step, state.total_steps):
+        t0 = time.perf_counter()
+        loss, step_tokens = train_step(run, step)
+        state.step = done = step + 1
+        state.tokens += step_tokens
+        run_tokens += step_tokens
+        now = time.perf_counter()
+        record = {"step": done, **loss, "tokens": state.tokens, "tokens_per_s": step_tokens / (now - t0),
+                  "elapsed": now - start}
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{run_tokens / (now - start):.0f}")
+        save_now = bool(cfg.save_every) and done % cfg.save_every == 0 and done < state.total_steps
+        eval_now = bool(run.evals) and (done == state.total_steps or (
+            done % cfg.eval_every == 0 if cfg.eval_every else save_now))
+        if eval_now:
+            record["eval_loss"] = evaluate(run)
+            if save_now and (state.best is None or record["eval_loss"] < state.best[0]):
+                state.best = (record["eval_loss"], done)  # the best checkpoint is kept
+        if procs.master:
+            with metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if save_now:
+                state.optimizer = run.optimizer.state_dict()
+                state.capture_rng(procs.device)
+                checkpoint.save(run.out, run.adapters, state, cfg.keep_checkpoints)
+    bar.close()
 
 
-def _plot(metrics: Path, png: Path) -> None:
-    import matplotlib
+def train_step(run: Run, step: int) -> tuple[dict, int]:
+    """One optimizer step over global batch ``step``: its record (loss, lr, grad norm, regularizer) and
+    the number of tokens it read."""
+    cfg, procs = run.cfg, run.procs
+    lr = lr_at(step, cfg, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    ids = global_batch(step, len(run.examples), run.state.global_batch, cfg.seed)
+    n_targets = max(1, sum(run.examples[i].n_targets for i in ids))  # of the whole global batch
+    ce_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
+    reg = None
+    for micro in range(cfg.grad_accum):
+        first = (micro * procs.world + procs.rank) * cfg.batch_size
+        ce, _ = run.loss_sum(run.make_batch([run.examples[i] for i in ids[first:first + cfg.batch_size]]))
+        loss = ce / n_targets
+        if micro == cfg.grad_accum - 1 and (reg := run.adapters.regularizer()) is not None:
+            loss = loss + reg / procs.world  # once per update, over all ranks together
+        loss.backward()
+        ce_sum += ce.detach().double()
+    ce_sum = procs.sum_grads_(run.params, ce_sum)
+    grads = [p.grad for p in run.params if p.grad is not None]
+    grad_norm = (torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True) if cfg.max_grad_norm
+                 else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    run.optimizer.step()
+    run.adapters.after_step(step + 1, run.total_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    record = {"loss": ce_sum.item() / n_targets, "lr": lr, "grad_norm": float(grad_norm)}
+    if reg is not None:  # at the parameters the loss was taken at
+        record["reg"] = reg.item()
+    if not math.isfinite(record["loss"]):
+        raise SvdServeError(f"the loss is {record['loss']} at step {step + 1}; lower --lr or use float32 "
+                            f"(the last checkpoint, if any, is intact)")
+    return record, sum(len(run.examples[i].input_ids) for i in ids)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
-    evals = [r for r in records if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean cross-entropy per target token over the evaluation examples (all ranks together)."""
+    bs, procs = run.cfg.batch_size, run.procs
+    run.model.eval()
+    stats = torch.zeros(2, dtype=torch.float64, device=procs.device)
+    for i in range(procs.rank * bs, len(run.evals), procs.world * bs):
+        stats += torch.stack(run.loss_sum(run.make_batch(run.evals[i:i + bs]))).double()
+    procs.sum_(stats)
+    run.model.train()
+    return (stats[0] / stats[1].clamp_min(1)).item()
+
+
+def finish(run: Run) -> None:
+    """Rank 0 writes the final adapter and the loss plot (every rank must hold rank 0's adapter)."""
+    run.procs.check_same(run.adapters.state_dict())
+    run.model.eval()
+    if run.procs.master:
+        checkpoint.save_final(run.adapters, run.out)
+        if run.state.best is not None:
+            print(f"best checkpoint: step {run.state.best[1]}, eval loss {run.state.best[0]:.4f}")
+        checkpoint.plot(run.out / "metrics.jsonl", run.out / "loss.png")
+    run.procs.barrier()

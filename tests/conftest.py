@@ -1,20 +1,27 @@
-"""Shared fixtures: tiny models built from a config (no hub), small JSONL data, a CLI runner."""
+"""Shared fixtures: tiny models built from a config (no hub), small JSONL data, a CLI runner, a trained
+adapter, and a base prepared for every method. Helper functions are in helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import Env, invoke, logits, write_jsonl
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# max |Δ logits| accepted when comparing two computations of the same model, by dtype (as vLLM's LoRA tests)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+@pytest.fixture(scope="session", autouse=True)
+def log_in_tmp(tmp_path_factory):
+    """Library and engine output goes to a log file of the test session, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SVD_SERVE_LOG", str(tmp_path_factory.mktemp("log") / "svd-serve.log"))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +39,6 @@ def tiny_model(tmp_path_factory):
     return get
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="session")
 def qa_data(tmp_path_factory) -> Path:
     rows = [{"prompt": f"Question: what is {a} plus {b}? Answer:", "completion": f" {a + b}"}
@@ -51,26 +53,42 @@ def text_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "text.jsonl", [{"text": t} for t in CORPUS[:16]])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli():
-    """Run ``svd-serve ARGS`` in-process; returns (exit code, stdout+stderr)."""
-    from svd_serve.cli import main
-
-    def run(*args: str) -> tuple[int, str]:
-        return _invoke(main, [str(a) for a in args])
-
-    return run
+    """``run_cli(*args)``: run ``svd-serve ARGS`` in-process; returns (exit code, stdout+stderr)."""
+    return invoke
 
 
-def _invoke(main, args):
-    import contextlib
-    import io
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model, qa_data, tmp_path_factory) -> Path:
+    """A KaSA adapter trained by the CLI for one step on tiny llama (seed 0). Tests only read it."""
+    out = tmp_path_factory.mktemp("adapter") / "kasa"
+    code, output = invoke("train", "--base", tiny_model("llama"), "--data", qa_data, "--steps", 1,
+                          "--no-progress", "--out", out)
+    assert code == 0, output
+    return out
 
-    buf = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        try:
-            main(args)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return code, buf.getvalue()
+
+@pytest.fixture(scope="session")
+def env(tiny_model):
+    """``env(arch)``: the base model, its all-linear targets, calibration covariances, fixed inputs."""
+    from transformers import AutoTokenizer
+
+    from svd_serve.calib import input_covariances
+    from svd_serve.model import load_base, resolve_targets
+    from svd_serve.tiny import CORPUS
+
+    cache: dict[str, Env] = {}
+
+    def get(arch: str) -> Env:
+        if arch not in cache:
+            path = tiny_model(arch)
+            model = load_base(path)
+            targets = resolve_targets(model, "all-linear")
+            tok = AutoTokenizer.from_pretrained(path)
+            covs = input_covariances(model, targets, [{"text": t} for t in CORPUS[:8]], tok)
+            ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+            cache[arch] = Env(path, model, targets, covs, ids, logits(model, ids))
+        return cache[arch]
+
+    return get

@@ -6,33 +6,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import one_error
 
 from svd_serve.tiny import build_tiny_model
 
 
 def assert_clean_failure(code: int, output: str, out: Path, *needles: str) -> str:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code != 0, output
-    assert "Traceback" not in output, output
-    assert len(errors) == 1, output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+    """:func:`one_error`, and nothing left at ``out`` (not even a temporary)."""
+    error = one_error(code, output, *needles)
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def trained_adapter(tiny_model, qa_data, tmp_path_factory):
-    """An adapter trained for one step on tiny llama (seed 0)."""
-    from svd_serve.cli import main
-    from conftest import _invoke
-
-    out = tmp_path_factory.mktemp("adapter") / "kasa"
-    code, output = _invoke(main, ["train", "--base", str(tiny_model("llama")), "--data", str(qa_data),
-                                  "--steps", "1", "--out", str(out)])
-    assert code == 0, output
-    return out
+    return error
 
 
 @pytest.fixture(scope="module")

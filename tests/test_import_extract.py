@@ -52,7 +52,8 @@ def test_import_kasa_exports_to_peft_lora(base, run_cli, tmp_path):
     trained = peft_train(base, cfg)
     want = logits(trained)
     trained.save_pretrained(tmp_path / "kasa")
-    code, out = run_cli("import", "--from", "peft", tmp_path / "kasa", "--base", base, "--out", tmp_path / "native")
+    code, out = run_cli("import", "--from", "peft", "--adapter", tmp_path / "kasa", "--base", base,
+                        "--out", tmp_path / "native")
     assert code == 0, out
     assert "kasa adapter" in out and "rank 8" in out
     code, out = run_cli("export", "--target", "peft", "--base", base, "--adapter", tmp_path / "native",
@@ -76,8 +77,8 @@ def test_import_lora_pissa_olora(base, run_cli, tmp_path, init):
     trained.save_pretrained(tmp_path / "peft")
     variants = [[]] + ([["--initial", tmp_path / "initial"]] if init else [])
     for extra in variants:
-        code, out = run_cli("import", "--from", "peft", tmp_path / "peft", "--base", base, *extra,
-                            "--out", tmp_path / "native")
+        code, out = run_cli("import", "--from", "peft", "--adapter", tmp_path / "peft", "--base", base, *extra,
+                            "--out", tmp_path / "native", "--overwrite")
         assert code == 0, out
         model = load_base(base)
         AdapterSet.load(tmp_path / "native", model).attach(model)
@@ -101,7 +102,7 @@ def test_extract(base, run_cli, tmp_path):
     model, ft = load_base(base), load_base(ft_dir)
     changed = resolve_targets(model, "q_proj,v_proj,down_proj")
 
-    code, out = run_cli("extract", "--base", base, "--finetuned", ft_dir, "--rank", 512, "--out", tmp_path / "full")
+    code, out = run_cli("extract", "--base", base, "--finetuned", ft_dir, "--max-rank", 512, "--out", tmp_path / "full")
     assert code == 0, out
     assert "unchanged modules left out" in out and "lm_head.weight" in out
     full = AdapterSet.load(tmp_path / "full", model)
@@ -111,7 +112,7 @@ def test_extract(base, run_cli, tmp_path):
         torch.testing.assert_close(model.get_submodule(name).weight, ft.get_submodule(name).weight, rtol=0, atol=1e-6)
 
     model = load_base(base)
-    for args, name in ((["--rank", 5], "r5"), (["--energy", 0.9], "e90")):
+    for args, name in ((["--max-rank", 5], "r5"), (["--energy", 0.9], "e90")):
         code, out = run_cli("extract", "--base", base, "--finetuned", ft_dir, *args,
                             "--targets", "q_proj,v_proj,down_proj", "--out", tmp_path / name)
         assert code == 0, out
@@ -133,12 +134,13 @@ def test_extract(base, run_cli, tmp_path):
 def test_bad_input(base, run_cli, tmp_path):
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2")
     peft_train(base, cfg, steps=0).save_pretrained(tmp_path / "niter")
+    (tmp_path / "plain").mkdir()
     cases = [
-        (["import", "--from", "peft", tmp_path / "niter", "--base", base], "--initial"),
-        (["import", "--from", "peft", tmp_path, "--base", base], "not a PEFT adapter"),
+        (["import", "--from", "peft", "--adapter", tmp_path / "niter", "--base", base], "--initial"),
+        (["import", "--from", "peft", "--adapter", tmp_path / "plain", "--base", base], "not a PEFT adapter"),
         (["extract", "--base", base, "--finetuned", base, "--energy", 1.5], "(0, 1]"),
-        (["extract", "--base", base, "--finetuned", base, "--rank", 2, "--energy", 0.5], "exactly one of"),
-        (["extract", "--base", base, "--finetuned", base, "--rank", 2], "does not differ"),
+        (["extract", "--base", base, "--finetuned", base, "--max-rank", 2, "--energy", 0.5], "exactly one of"),
+        (["extract", "--base", base, "--finetuned", base, "--max-rank", 2], "does not differ"),
     ]
     for args, message in cases:
         code, out = run_cli(*args, "--out", tmp_path / "out")

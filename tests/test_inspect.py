@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import folded, make_adapter
 
-from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.adapter import AdapterSet
 from svd_serve.methods import METHODS
-from svd_serve.model import load_base, resolve_targets
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_adapter(base, method, out, seed=0):
-    """An adapter as if trained: every trainable tensor moved off its init."""
-    from svd_serve.calib import input_covariances
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = load_base(base)
-    targets = resolve_targets(model, "q_proj,v_proj")
-    covs = None
-    if METHODS[method].needs_calibration:
-        tok = AutoTokenizer.from_pretrained(base)
-        rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
-        covs = input_covariances(model, targets, rows, tok)
-    adapters = AdapterSet.create(model, method, make_options(method, rank=4), targets, covariances=covs,
-                                 progress=False)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return adapters.save(out), model, adapters
+def documented_bound(method: str, r: int, m: int, n: int) -> int:
+    """The rank bound of ΔW the README's method table gives (defaults: SALT ratio 0.1, KORE B and A)."""
+    k = min(m, n)
+    return {"lora": r, "svfit": r, "delta": r, "svf": k, "salt": max(1, int(k * 0.1)) + r}.get(method, 2 * r)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -38,7 +23,7 @@ def test_plot_every_method(method, tiny_model, tmp_path, run_cli):
     import matplotlib.pyplot as plt
 
     base = tiny_model("llama")
-    path, model, adapters = make_adapter(base, method, tmp_path / method)
+    path = make_adapter(base, tmp_path / method, method)
     png = tmp_path / "spectra.png"
     code, out = run_cli("inspect", "--adapter", path, "--base", base, "--plot", png)
     assert code == 0, out
@@ -47,11 +32,13 @@ def test_plot_every_method(method, tiny_model, tmp_path, run_cli):
     assert img.shape[0] > 400 and img.shape[1] > 800  # 4 modules x 3 panels
     assert img[..., :3].std() > 0.05  # something was drawn
     lines = out.splitlines()
-    for name, layer in adapters.items():
+    for name, layer in AdapterSet.load(path).items():
         row = next(l for l in lines if l.startswith(name + " "))
-        rank = AdapterSet.deltas(adapters)[name].rank
-        assert row.split()[2] == str(rank), row
-        assert row.split()[3] == str(layer.rank_bound())
+        a, b = layer.delta()  # the rank of the dense ΔW, counted independently of inspect's factored SVD
+        sigma = torch.linalg.svdvals(b.double() @ a.double())
+        rank = int((sigma > 1e-6 * sigma[0]).sum())
+        assert rank == documented_bound(method, 4, layer.m, layer.n)  # a random ΔW reaches its bound
+        assert row.split()[2:4] == [str(rank), str(rank)], row
 
 
 def test_spectra_match_folded_model(tiny_model, tmp_path):
@@ -59,9 +46,9 @@ def test_spectra_match_folded_model(tiny_model, tmp_path):
     from svd_serve.inspect import inspect
 
     base = tiny_model("llama")
-    path, model, adapters = make_adapter(base, "pissa", tmp_path / "pissa", seed=1)
+    path = make_adapter(base, tmp_path / "pissa", "pissa", seed=1)
     specs = inspect(path, base)
-    adapters.fold_into(model)
+    model, adapters = folded(base, path), AdapterSet.load(path)
     for s in specs:
         w = model.get_submodule(s.name).weight.detach().double()
         torch.testing.assert_close(s.adapted_sigma, torch.linalg.svdvals(w).float(), rtol=1e-5, atol=1e-6)
@@ -79,7 +66,7 @@ def test_without_base_and_truncated(tiny_model, tmp_path, run_cli):
     from svd_serve.inspect import inspect
 
     base = tiny_model("llama")
-    path, _, adapters = make_adapter(base, "kasa", tmp_path / "kasa")
+    path = make_adapter(base, tmp_path / "kasa", "kasa")
     specs = inspect(path, max_rank=3, modules=r"layers\.0\.")
     assert [s.name for s in specs] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     for s in specs:
@@ -97,7 +84,7 @@ def test_without_base_and_truncated(tiny_model, tmp_path, run_cli):
     (["--max-rank", "0"], "at least 1"),
 ])
 def test_bad_input(args, message, tiny_model, tmp_path, run_cli):
-    path, _, _ = make_adapter(tiny_model("llama"), "lora", tmp_path / "lora")
+    path = make_adapter(tiny_model("llama"), tmp_path / "lora")
     code, out = run_cli("inspect", "--adapter", path, *args)
     assert code == 2 and message in out, out
 

@@ -39,6 +39,26 @@ def test_minor_svd_matches_full_svd(shape, r):
     assert torch.allclose(vh_m.double() @ vh_m.double().T, torch.eye(r, dtype=torch.float64), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("r", [1, 5])
+def test_exact_top_svd_matches_float64_svd(shape, r):
+    """The Gram-eigh route: the top-r projection and singular values to float32 precision, U and V
+    orthonormal, each vector equal to the float64 SVD's up to sign (these random spectra have gaps)."""
+    w = randn(*shape)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    u_r, s_r, vh_r = top_svd(w, r)
+    assert u_r.shape == (shape[0], r) and s_r.shape == (r,) and vh_r.shape == (r, shape[1])
+    assert (s_r.double() - s[:r]).abs().max() <= 1e-6 * float(s[0])
+    projection = (u[:, :r] * s[:r]) @ vh[:r]
+    assert ((u_r.double() * s_r.double()) @ vh_r.double() - projection).abs().max() <= 1e-6 * float(s[0])
+    eye = torch.eye(r, dtype=torch.float64)
+    assert (u_r.double().T @ u_r.double() - eye).abs().max() <= 1e-6
+    assert (vh_r.double() @ vh_r.double().T - eye).abs().max() <= 1e-6
+    sign = torch.sign((vh_r.double() * vh[:r]).sum(1))
+    assert (vh_r.double() * sign[:, None] - vh[:r]).abs().max() <= 1e-5
+    assert (u_r.double() * sign - u[:, :r]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("shape", [(40, 16), (16, 40)], ids=["tall", "wide"])
 def test_minor_svd_of_rank_deficient_matrix_is_zero(shape):
     w = randn(shape[0], 10) @ randn(10, shape[1], seed=1)  # rank 10 < k = 16

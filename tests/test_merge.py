@@ -60,7 +60,7 @@ def test_task_arithmetic_and_linear_exact(base, adapters, run_cli, tmp_path):
     w = [0.7, 0.3, -0.5]
     code, out = run_cli("merge", "--base", base, *sum((["--adapter", p] for p in adapters), []),
                         "--method", "task_arithmetic", "--weights", "0.7,0.3,-0.5", "--lambda", "0.8",
-                        "--rank", 64, "--out", tmp_path / "ta")
+                        "--max-rank", 64, "--out", tmp_path / "ta")
     assert code == 0, out
     merged = dense_of(tmp_path / "ta", model)
     assert AdapterSet.load(tmp_path / "ta").method.name == "delta"
@@ -168,7 +168,7 @@ def test_twin(base, adapters, run_cli, tmp_path):
     modules, taus = task_vectors(base, pair)
     for rank, name in ((3, "low"), (64, "full")):
         code, out = run_cli("merge", "--base", base, "--adapter", pair[0], "--adapter", pair[1],
-                            "--method", "twin", "--density", "0.5", "--rank", rank, "--out", tmp_path / name)
+                            "--method", "twin", "--density", "0.5", "--max-rank", rank, "--out", tmp_path / name)
         assert code == 0, out
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     model = load_base(base)
@@ -216,8 +216,8 @@ def test_bad_input(base, adapters, run_cli, tmp_path, tiny_model):
          "different base"),
         ([*two, "--method", "ties", "--weights", "1,2,3", "--fold"], "3 values for 2 adapters"),
         ([*two, "--method", "ties", "--density", "0", "--fold"], "(0, 1]"),
-        ([*two, "--method", "dare_ties", "--density", "1.5", "--rank", "4"], "(0, 1]"),
-        ([*two, "--method", "linear", "--fold", "--rank", "4"], "exactly one of"),
+        ([*two, "--method", "dare_ties", "--density", "1.5", "--max-rank", "4"], "(0, 1]"),
+        ([*two, "--method", "linear", "--fold", "--max-rank", "4"], "exactly one of"),
         ([*two, "--method", "twin", "--fold"], "--rank"),
     ]
     for args, message in cases:

@@ -6,80 +6,22 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Env, create, gap, logits, perturb
 from safetensors.torch import load_file
 
-from svd_serve.adapter import AdapterSet, make_options
-from svd_serve.calib import input_covariances
+from svd_serve.adapter import AdapterSet
 from svd_serve.export import export
 from svd_serve.fold import fold
 from svd_serve.methods import METHODS
-from svd_serve.model import load_base, resolve_targets
-from svd_serve.tiny import CORPUS
+from svd_serve.model import load_base
 
 ARCHS = ["llama", "qwen2", "phi3"]
 RANK = 4
 TOL = 1e-4  # fp32, max |Δ logits|
-
-
-@dataclass
-class Env:
-    path: Path
-    model: torch.nn.Module
-    targets: list[str]
-    covs: dict[str, torch.Tensor]
-    ids: torch.Tensor
-    base_logits: torch.Tensor
-
-
-@torch.no_grad()
-def logits(model, ids) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
-
-
-def gap(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x - y).detach().abs().max())
-
-
-@pytest.fixture(scope="session")
-def env(tiny_model):
-    """``env(arch)``: the base model, its all-linear targets, calibration covariances, fixed inputs."""
-    from transformers import AutoTokenizer
-
-    cache: dict[str, Env] = {}
-
-    def get(arch: str) -> Env:
-        if arch not in cache:
-            path = tiny_model(arch)
-            model = load_base(path)
-            targets = resolve_targets(model, "all-linear")
-            tok = AutoTokenizer.from_pretrained(path)
-            covs = input_covariances(model, targets, [{"text": t} for t in CORPUS[:8]], tok)
-            ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-            cache[arch] = Env(path, model, targets, covs, ids, logits(model, ids))
-        return cache[arch]
-
-    return get
-
-
-def create(e: Env, method: str, **options) -> tuple[torch.nn.Module, AdapterSet]:
-    """A fresh copy of the base with ``method`` attached over all-linear targets (rank RANK)."""
-    model = copy.deepcopy(e.model)
-    covs = e.covs if METHODS[method].needs_calibration else None
-    adapters = AdapterSet.create(model, method, make_options(method, rank=RANK, **options), e.targets,
-                                 "all-linear", covs, base_model=str(e.path), progress=False)
-    return adapters.attach(model), adapters
-
-
-@torch.no_grad()
-def perturb(adapters: AdapterSet, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in adapters.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @torch.no_grad()
@@ -113,7 +55,7 @@ def check_init_fold_and_export(e: Env, method: str, tmp_path: Path, **options) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model, adapters = create(e, method, **options)
+    model, adapters = create(e, method, RANK, **options)
     init = logits(model, e.ids)
     if method == "kasa":
         assert gap(init, e.base_logits) > 10 * TOL  # the truncation is real ...
@@ -153,7 +95,7 @@ def check_init_fold_and_export(e: Env, method: str, tmp_path: Path, **options) -
 @pytest.mark.parametrize("method", ["kasa", "pissa", "svf", "salt", "corda-kpa"])
 def test_max_rank_reports_its_error(method, env, tmp_path):
     e = env("llama")
-    _, adapters = create(e, method)
+    _, adapters = create(e, method, RANK)
     perturb(adapters)
     adapters.save(tmp_path / "adapter")
     k = 3
@@ -193,7 +135,7 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"])
 def test_initial_component_is_the_documented_one(method, env):
     e = env("phi3")
-    _, adapters = create(e, method)
+    _, adapters = create(e, method, RANK)
     for name, layer in adapters.items():
         w = e.model.get_submodule(name).weight.detach().double()
         if method in ("svfit", "svf"):

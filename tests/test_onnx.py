@@ -4,62 +4,41 @@ folded HF model, and refusal of adapters that do not belong to the graph."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TOLERANCE
+from helpers import TOLERANCE, folded, make_adapter, one_error
 
-from svd_serve.adapter import AdapterSet, make_options
-from svd_serve.converters.onnx import check_adapter, graph_lora_inputs, prefill_feed, session_options
+from svd_serve.converters import onnx as conv
+from svd_serve.converters.onnx import OnnxLM, check_adapter, graph_lora_inputs, prefill_feed, session_options
 from svd_serve.errors import SvdServeError
 from svd_serve.export import export
-from svd_serve.generate import OnnxLM
 from svd_serve.model import fingerprint, linear_names, load_base, resolve_targets
+from svd_serve.verify import PROMPTS, greedy
 
 pytestmark = pytest.mark.onnx
 
 PROMPT = "The quick brown fox"
 
 
-def make_adapter(base, out, rank, targets, seed):
-    model = load_base(base)
-    adapters = AdapterSet.create(model, "lora", make_options("lora", rank=rank),
-                                 resolve_targets(model, targets), progress=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return adapters.save(out)
-
-
-def folded(base, adapter=None):
-    model = load_base(base)
-    if adapter is not None:
-        AdapterSet.load(adapter, model).fold_into(model)
-    return model
-
-
 @pytest.fixture(scope="module")
-def setup(tiny_model, tmp_path_factory, run_cli_module):
+def setup(tiny_model, tmp_path_factory, run_cli):
     base = tiny_model("llama")
     tmp = tmp_path_factory.mktemp("onnx")
-    wide = make_adapter(base, tmp / "wide", 8, "all-linear", seed=1)
-    narrow = make_adapter(base, tmp / "narrow", 4, "q_proj,v_proj", seed=2)
-    code, out = run_cli_module("export", "--target", "onnx", "--base", base, "--adapter", wide,
-                               "--adapter", narrow, "--out", tmp / "exp", "--dtype", "float32")
+    wide = make_adapter(base, tmp / "wide", rank=8, targets="all-linear", seed=1)
+    narrow = make_adapter(base, tmp / "narrow", seed=2)
+    code, out = run_cli("export", "--target", "onnx", "--base", base, "--adapter", wide,
+                        "--adapter", narrow, "--out", tmp / "exp", "--dtype", "float32")
     assert code == 0, out
     refs = {None: folded(base), "wide": folded(base, wide), "narrow": folded(base, narrow)}
     return {"base": base, "tmp": tmp, "out": tmp / "exp", "wide": wide, "narrow": narrow, "refs": refs}
-
-
-@pytest.fixture(scope="module")
-def run_cli_module():
-    from conftest import _invoke
-    from svd_serve.cli import main
-
-    return lambda *args: _invoke(main, [str(a) for a in args])
 
 
 def test_manifest_and_graph(setup):
@@ -154,23 +133,38 @@ def test_genai_greedy_matches_hf(setup):
 def test_generate_cli(setup, run_cli):
     out = setup["out"]
     lm = OnnxLM.open(out)
-    code, text = run_cli("generate", "--onnx", out, "--adapter", "narrow", "--prompt", PROMPT,
+    code, text = run_cli("generate", "--export", out, "--adapter", "narrow", "--prompt", PROMPT,
                          "--max-new-tokens", "6")
     assert code == 0, text
     assert text.startswith(lm.generate(PROMPT, "narrow", max_new_tokens=6) + "\n")
     assert "[narrow on cpu]" in text
-    sampled = [run_cli("generate", "--onnx", out, "--adapter", "wide", "--prompt", PROMPT,
+    assert run_cli("generate", "--onnx", out, "--adapter", "narrow", "--prompt", PROMPT,  # the old name
+                   "--max-new-tokens", "6") == (code, text)
+    sampled = [run_cli("generate", "--export", out, "--adapter", "wide", "--prompt", PROMPT,
                        "--temperature", "1.5", "--seed", str(s))[1] for s in (3, 3, 4)]
     assert sampled[0] == sampled[1] != sampled[2]
-    code, text = run_cli("generate", "--onnx", out, "--adapter", "nope", "--prompt", PROMPT)
-    assert code == 2 and "unknown adapter 'nope'" in text
+    code, text = run_cli("generate", "--export", out, "--adapter", "nope", "--prompt", PROMPT)
+    one_error(code, text, "unknown adapter 'nope'")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, not nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, not inf"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ([], "Missing option '--export'"),
+])
+def test_generate_refuses_bad_sampling(args, needle, setup, run_cli):
+    export_args = [] if not args else ["--export", setup["out"]]
+    code, text = run_cli("generate", *export_args, "--prompt", PROMPT, *args)
+    one_error(code, text, needle)
 
 
 def test_refuses_adapter_of_another_base(setup, tmp_path, run_cli):
     from svd_serve.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other-base", "llama", seed=1)
-    foreign = make_adapter(other, tmp_path / "foreign", 4, "q_proj,v_proj", seed=3)
+    foreign = make_adapter(other, tmp_path / "foreign", seed=3)
     export("onnx", other, [foreign], tmp_path / "exp", dtype="float32")
     file = tmp_path / "exp" / "adapters" / "foreign.onnx_adapter"
     with pytest.raises(SvdServeError, match="exported for another base"):
@@ -178,8 +172,8 @@ def test_refuses_adapter_of_another_base(setup, tmp_path, run_cli):
     lm = OnnxLM.open(setup["out"])
     with pytest.raises(SvdServeError, match="exported for another base"):
         lm.generate_ids([5, 6, 7], file, max_new_tokens=2)
-    code, text = run_cli("generate", "--onnx", setup["out"], "--adapter", file, "--prompt", PROMPT)
-    assert code == 2 and "another base" in text
+    code, text = run_cli("generate", "--export", setup["out"], "--adapter", file, "--prompt", PROMPT)
+    one_error(code, text, "another base")
 
 
 def test_refuses_module_the_graph_lacks(setup, tmp_path):
@@ -187,3 +181,130 @@ def test_refuses_module_the_graph_lacks(setup, tmp_path):
     assert check_adapter(tmp_path / "exp", setup["out"] / "adapters" / "narrow.onnx_adapter")
     with pytest.raises(SvdServeError, match=r"has module model\.layers\.\d+\.\w+\.\w+, which the graph .* lacks"):
         check_adapter(tmp_path / "exp", setup["out"] / "adapters" / "wide.onnx_adapter")
+
+
+# --- verify --target onnx ------------------------------------------------------------------------------
+
+def test_verify_onnx(setup, run_cli, tmp_path):
+    code, out = run_cli("verify", "--target", "onnx", "--base", setup["base"], "--export", setup["out"],
+                        "--max-new-tokens", "8", "--json", tmp_path / "r.json")
+    assert code == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ok"] and set(report["checks"]) == {"(base)", "wide", "narrow"}
+    assert report["runtime"].startswith("ONNX Runtime ") and "CPUExecutionProvider, float32" in report["runtime"]
+    assert all(c["max_logprob_gap"] <= 1e-3 and c["prompts_matched"] == 3 for c in report["checks"].values())
+    # the tokens are those of the folded HF models (not only of the reference verify built itself)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    for name, check in report["checks"].items():
+        model = setup["refs"][None if name == "(base)" else name]
+        assert check["tokens"] == [greedy(model, tok(p).input_ids, 8)[0] for p in PROMPTS], name
+    assert out.splitlines()[-1] == "all 3 match"
+
+
+def test_verify_onnx_sees_a_runtime_that_ignores_the_adapter(setup, monkeypatch):
+    """Had ONNX Runtime run without the adapter (a LoraAdapter freed too early does that), verify fails."""
+    from svd_serve.verify import verify
+
+    monkeypatch.setattr(conv, "run_options", lambda lora=None: ort.RunOptions())
+    result = verify("onnx", setup["base"], setup["out"], max_new_tokens=4)
+    assert result.checks["(base)"]["ok"] and not result.checks["wide"]["ok"] and not result.checks["narrow"]["ok"]
+    assert not result.ok and result.lines()[-1] == "MISMATCH: wide, narrow"
+
+
+def test_verify_onnx_refuses_another_base(setup, run_cli, tmp_path):
+    from svd_serve.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", "llama", seed=3)
+    code, out = run_cli("verify", "--target", "onnx", "--base", other, "--export", setup["out"])
+    one_error(code, out, "was made for another base", str(other))
+    code, out = run_cli("verify", "--target", "onnx", "--base", setup["base"], "--export", setup["wide"])
+    one_error(code, out, "not an svd-serve ONNX export")
+
+
+# --- what ONNX Runtime cannot run, float16 on a CPU, a killed export --------------------------------------
+
+@pytest.mark.parametrize("overrides", [{"num_attention_heads": 8},  # head_dim 8
+                                       {"hidden_size": 96, "num_attention_heads": 4}])  # head_dim 24
+def test_refuses_head_dim_gqa_rejects(overrides, tmp_path, run_cli):
+    from svd_serve.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", "llama", **overrides)
+    adapter = make_adapter(base, tmp_path / "ad", rank=2, targets="q_proj", seed=1)
+    out = tmp_path / "exp"
+    code, text = run_cli("export", "--target", "onnx", "--base", base, "--adapter", adapter, "--out", out,
+                         "--dtype", "float32")
+    head_dim = 64 // overrides["num_attention_heads"] if "hidden_size" not in overrides else 24
+    one_error(code, text, f"cannot export a model with head_dim {head_dim}", "multiples of 16")
+    assert not out.exists() and not list(tmp_path.glob(".exp.*"))
+
+
+def test_float16_export_is_checked_on_the_cpu(setup, tmp_path, run_cli):
+    out = tmp_path / "exp16"
+    code, text = run_cli("export", "--target", "onnx", "--base", setup["base"], "--adapter", setup["narrow"],
+                         "--out", out, "--dtype", "float16")
+    assert code == 0, text
+    assert "note: the float16 graph is built for CUDA; this machine has none, so ONNX Runtime checked it " \
+           "with CPUExecutionProvider" in text
+    line = next(l for l in text.splitlines() if l.startswith("narrow:"))
+    gap = float(line.rsplit("max |Δ| ", 1)[1])
+    assert 0 < gap <= TOLERANCE[torch.float16], line
+    code, text = run_cli("verify", "--target", "onnx", "--base", setup["base"], "--export", out, "--max-new-tokens", "4")
+    assert code == 0 and "(CPUExecutionProvider, float16)" in text, text
+    lm = OnnxLM.open(out)
+    assert lm.provider == "cpu" and len(lm.generate_ids([5, 6, 7], "narrow", max_new_tokens=3)) == 3
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                stat = open(f"/proc/{proc}/stat").read()
+                cmd = open(f"/proc/{proc}/cmdline").read().replace("\0", " ")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((int(proc), cmd))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_export_leaves_no_builder_and_no_scratch_outside(setup, tmp_path):
+    """SIGKILL during the model builder: the builder dies too, the system temp dir stays clean, and
+    the only leftover is the temporary sibling (which the next run on that --out removes)."""
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    out = tmp_path / "exp"
+    env = {**os.environ, "TMPDIR": str(systmp), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "svd_serve", "export", "--target", "onnx", "--base", str(setup["base"]),
+                             "--adapter", str(setup["narrow"]), "--out", str(out), "--dtype", "float32"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    builder, deadline = None, time.monotonic() + 300
+    while builder is None and proc.poll() is None and time.monotonic() < deadline:
+        builder = next((p for p, cmd in _children(proc.pid) if "onnxruntime_genai.models.builder" in cmd), None)
+        time.sleep(0.02)
+    assert builder is not None, "the builder never started"
+    os.kill(builder, signal.SIGSTOP)  # it cannot finish on its own now: only its parent's death ends it
+    try:
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while _alive(builder) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(builder)
+    finally:
+        if _alive(builder):
+            os.kill(builder, signal.SIGKILL)
+    # nothing in the system temp dir but the session-id file ONNX Runtime writes on import in any run
+    assert {p.name for p in systmp.iterdir()} <= {".ses"}
+    (temp,) = tmp_path.glob(".exp.tmp-*")
+    assert (temp / ".build").is_dir() and not out.exists()

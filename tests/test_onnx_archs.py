@@ -7,8 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TOLERANCE
-from test_onnx import folded, make_adapter
+from helpers import TOLERANCE, folded, make_adapter
 
 from svd_serve.converters.onnx import check_adapter, graph_lora_inputs, prefill_feed, session_options
 from svd_serve.errors import SvdServeError
@@ -33,7 +32,7 @@ def exported(request, tmp_path_factory):
     arch = request.param
     tmp = tmp_path_factory.mktemp(f"onnx-{arch}")
     base = build_tiny_model(tmp / "base", arch, **MODELS[arch])
-    adapter = make_adapter(base, tmp / "ad", 6, "all-linear", seed=5)
+    adapter = make_adapter(base, tmp / "ad", rank=6, targets="all-linear", seed=5)
     report = export("onnx", base, [adapter], tmp / "exp", dtype="float32")
     return {"arch": arch, "base": base, "out": tmp / "exp", "report": report,
             "refs": {None: folded(base), "ad": folded(base, adapter)}}
@@ -78,7 +77,7 @@ def test_logits_match_folded_hf(exported):
 
 
 def test_genai_greedy_matches_hf(exported):
-    from svd_serve.generate import OnnxLM
+    from svd_serve.converters.onnx import OnnxLM
 
     lm = OnnxLM.open(exported["out"])
     ids = [int(t) for t in lm.tokenizer.encode("The quick brown fox")]
@@ -95,7 +94,7 @@ def test_genai_greedy_matches_hf(exported):
 
 def test_refuses_phi3_the_builder_takes_for_longrope(tiny_model, tmp_path):
     base = tiny_model("phi3")  # max_position_embeddings 256, original 4096, plain RoPE
-    adapter = make_adapter(base, tmp_path / "ad", 4, "qkv_proj", seed=1)
+    adapter = make_adapter(base, tmp_path / "ad", targets="qkv_proj", seed=1)
     with pytest.raises(SvdServeError, match="cannot export Phi3ForCausalLM with max_position_embeddings 256"):
         export("onnx", base, [adapter], tmp_path / "exp", dtype="float32")
     assert not (tmp_path / "exp").exists()
@@ -110,7 +109,7 @@ def test_refuses_unsupported_architecture(tmp_path, run_cli):
     base = tmp_path / "olmo"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    adapter = make_adapter(base, tmp_path / "ad", 4, "q_proj,v_proj", seed=1)
+    adapter = make_adapter(base, tmp_path / "ad", seed=1)
     code, text = run_cli("export", "--target", "onnx", "--base", base, "--adapter", adapter,
                          "--out", tmp_path / "exp", "--dtype", "float32")
     assert code == 2 and "error: --target onnx does not support OlmoForCausalLM; supported: " in text, text

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from svd_serve.methods import METHODS
-from test_methods import Env, create, env, gap, logits, perturb  # noqa: F401  (env is a fixture)
+from helpers import Env, create, gap, logits, perturb
 
 RANK, ALPHA = 4, 8.0  # scale 2 on both sides
 TOL = 1e-4
@@ -39,6 +37,25 @@ def peft_model_for(method: str, e: Env, tmp_path):
     return get_peft_model(model, config).eval()
 
 
+def component_tolerance(method: str, w, cov, r: int) -> torch.Tensor:
+    """Per selected component, the max |Δ| its factors may differ by (relative to their magnitude):
+    ``WEIGHT_TOL``, raised where the component is ill-conditioned. A singular vector of a float32
+    matrix M carries an error of about ``ε₃₂ √n σ_1(M) / gap_i`` (gap_i: distance of σ_i to the
+    nearest other singular value); M is W (PiSSA) or W times CorDA's damped covariance. OLoRA's
+    factors come from a QR and are compared at ``WEIGHT_TOL``."""
+    from svd_serve.methods.corda import damped_inverse
+
+    if method == "olora":
+        return torch.full((r,), WEIGHT_TOL)
+    m = w.detach().double() if cov is None else w.detach().double() @ damped_inverse(cov, 0.01)[0].double()
+    s = torch.linalg.svdvals(m)
+    picked = torch.arange(len(s) - r, len(s)) if method == "corda-kpa" else torch.arange(r)
+    gaps = (s[picked, None] - s[None, :]).abs()
+    gaps[torch.arange(r), picked] = float("inf")
+    error = torch.finfo(torch.float32).eps * len(s) ** 0.5 * s[0] / gaps.min(1).values
+    return torch.clamp(10 * error, min=WEIGHT_TOL).float()
+
+
 def align_signs(a, b, a_ref, b_ref):
     """Flip each rank-1 component ``(b[:, i], a[i])`` to the sign of the reference."""
     sign = torch.sign((a * a_ref).sum(1))
@@ -50,10 +67,11 @@ def align_signs(a, b, a_ref, b_ref):
 def test_same_as_peft(method, env, tmp_path):
     e = env("llama")
     theirs = peft_model_for(method, e, tmp_path)
-    model, ours = create(e, method)
+    model, ours = create(e, method, RANK)
     assert ours.layers[next(iter(ours.layers))].scale == ALPHA / RANK
     assert len(dict(ours.items())) == len(e.targets) == 7 * e.model.config.num_hidden_layers
 
+    compared = 0
     for name, layer in ours.items():
         lora = theirs.base_model.model.get_submodule(name)
         w = e.model.get_submodule(name).weight
@@ -63,9 +81,15 @@ def test_same_as_peft(method, env, tmp_path):
         a_t, b_t = lora.lora_A["default"].weight, lora.lora_B["default"].weight
         if method in ("lora", "kasa"):  # random A, B = 0: the same ΔW = 0, nothing else to compare
             assert not b_t.any() and not layer.B.any()
-        else:
+        else:  # per component, up to sign, where it is well conditioned (its product is checked above)
             a, b = align_signs(layer.A, layer.B, a_t, b_t)
-            assert gap(a, a_t) <= WEIGHT_TOL and gap(b, b_t) <= WEIGHT_TOL, name
+            tol = component_tolerance(method, w, e.covs.get(name), RANK)
+            ok = tol <= 1e-3
+            compared += int(ok.sum())
+            assert ((a - a_t).abs().amax(1) <= tol * a.abs().amax(1).clamp_min(1))[ok].all(), name
+            assert ((b - b_t).abs().amax(0) <= tol * b.abs().amax(0).clamp_min(1))[ok].all(), name
+    # (CorDA-KPA's minor components of W C are mostly near-degenerate here: 6 of 56 are compared)
+    assert method in ("lora", "kasa") or compared > 0
 
     perturb(ours)
     with torch.no_grad():

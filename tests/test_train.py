@@ -4,28 +4,17 @@ config files, records, regularizer overrides, bad inputs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import adapter_tensors, max_diff
 
+from svd_serve.errors import SvdServeError
 from svd_serve.train import TrainConfig, global_batch, load_config, lr_at
 from svd_serve.train import train as run_train
-
-
-def adapter_tensors(path) -> dict[str, torch.Tensor]:
-    return load_file(Path(path) / "svd_adapter.safetensors")
-
-
-def max_diff(a, b) -> float:
-    ta, tb = adapter_tensors(a), adapter_tensors(b)
-    assert ta.keys() == tb.keys()
-    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
 
 
 def cfg(tiny_model, data, out, **kw) -> TrainConfig:
@@ -87,14 +76,12 @@ def test_absorbed_frozen_terms_train_the_same_adapter(tiny_model, qa_data, tmp_p
 def test_packed_rows_give_the_padded_loss(tiny_model, arch):
     """Several examples per row, positions restarting at 0: the model keeps them apart, so the loss
     (sum and target count) is the padded batch's, from fewer rows; a model that mixed them is caught."""
-    from contextlib import nullcontext
-
     from transformers import AutoTokenizer
 
     from svd_serve.data import collate, collate_packed, encode
     from svd_serve.model import load_base
     from svd_serve.tiny import CORPUS
-    from svd_serve.train import _loss_sum, _packing_is_exact
+    from svd_serve.train import loss_sum, packing_is_exact
 
     model, tok = load_base(tiny_model(arch)), AutoTokenizer.from_pretrained(tiny_model(arch))
     examples = [encode({"text": t}, tok, 128) for t in [" ".join(CORPUS[:4]), *CORPUS[4:10]]]
@@ -102,10 +89,9 @@ def test_packed_rows_give_the_padded_loss(tiny_model, arch):
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
     with torch.no_grad():
-        (ce_packed, n_packed), (ce_padded, n_padded) = (_loss_sum(model, b, "cpu", nullcontext)
-                                                        for b in (packed, padded))
+        (ce_packed, n_packed), (ce_padded, n_padded) = (loss_sum(model, b) for b in (packed, padded))
     assert n_packed == n_padded and abs(ce_packed - ce_padded) <= 1e-5 * ce_padded
-    assert _packing_is_exact(model, examples, tok.pad_token_id, "cpu", nullcontext)
+    assert packing_is_exact(model, examples, tok.pad_token_id)
 
     class IgnoresPositions(torch.nn.Module):  # one causal sequence per row: the examples would mix
         def __init__(self):
@@ -115,7 +101,7 @@ def test_packed_rows_give_the_padded_loss(tiny_model, arch):
         def forward(self, position_ids=None, **kwargs):
             return self.inner(**kwargs)
 
-    assert not _packing_is_exact(IgnoresPositions(), examples, tok.pad_token_id, "cpu", nullcontext)
+    assert not packing_is_exact(IgnoresPositions(), examples, tok.pad_token_id)
 
 
 def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
@@ -129,14 +115,14 @@ def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
 KILLER = """
 import os, signal, sys
 import torch
-import svd_serve.train as t
+import svd_serve.checkpoint as c
 
-save = t.save_checkpoint
-def save_then_die(out, step, adapters, state, keep):
-    if step == 4:  # die in the middle of writing step-4: adapter files written, trainer state not
+save = c.save
+def save_then_die(out, adapters, state, keep):
+    if state.step == 4:  # die in the middle of writing step-4: adapter files written, trainer state not
         torch.save = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-    return save(out, step, adapters, state, keep)
-t.save_checkpoint = save_then_die
+    return save(out, adapters, state, keep)
+c.save = save_then_die
 from svd_serve.cli import main
 main(sys.argv[1:])
 """
@@ -180,8 +166,6 @@ def test_resume_refuses_a_different_global_batch(tiny_model, qa_data, tmp_path, 
 
 
 def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_model, qa_data, tmp_path, monkeypatch):
-    from svd_serve.errors import SvdServeError
-
     real_save = torch.save
 
     def disk_full_at_step_4(obj, f, *a, **k):
@@ -235,6 +219,19 @@ def test_flags_override_the_config_file(tmp_path):
                                   "options": {"rank": 4}, "max_grad_norm": 0}))
     c = load_config(config, lr=0.5, reg=["gamma=1e-2"])
     assert (c.lr, c.method, c.options, c.reg, c.max_grad_norm) == (0.5, "sorsa", {"rank": 4}, {"gamma": 1e-2}, None)
+
+
+def test_config_file_values_are_parsed_by_type(tmp_path):
+    """YAML reads ``1e-4`` as a string; each value is parsed by its TrainConfig field's type."""
+    config = tmp_path / "run.yaml"
+    config.write_text("base: b\ndata: d\nout: o\nlr: 1e-4\neval_split: 5e-2\nsteps: '10'\npack: yes\n"
+                      "max_grad_norm: none\n")
+    c = load_config(config)
+    assert (c.lr, c.eval_split, c.steps, c.pack, c.max_grad_norm) == (1e-4, 0.05, 10, True, None)
+    assert type(c.lr) is float and type(c.steps) is int
+    config.write_text("base: b\ndata: d\nout: o\nsteps: ten\n")
+    with pytest.raises(SvdServeError, match="run.yaml: option steps must be an integer, not 'ten'"):
+        load_config(config)
 
 
 # --- bad inputs -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from test_train import max_diff
+from helpers import max_diff
 
 
 def test_two_processes_equal_one(tiny_model, text_data, tmp_path, run_cli):

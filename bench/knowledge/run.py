@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from svd_serve.adapter import AdapterSet, make_options
+from svd_serve.adapter import AdapterSet, sweep_options
 from svd_serve.data import IGNORE, collate, encode
 from svd_serve.demo import EMBEDDED, exact_match
 from svd_serve.methods import METHODS
@@ -87,7 +87,7 @@ def run_one(base: Path, world: World, task: str, method: str, seed: int, setup: 
         covs = None
         if METHODS[method].needs_calibration:
             covs = input_covariances(model, targets, calibration_rows(method, train, world, seed), tokenizer)
-        adapters = AdapterSet.create(model, method, make_options(method, rank=setup.rank), targets,
+        adapters = AdapterSet.create(model, method, sweep_options(method, rank=setup.rank), targets,
                                      covariances=covs, progress=False)
         adapters.attach(model)
         params, lr = list(adapters.parameters()), setup.lr

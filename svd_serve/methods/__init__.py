@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import SvdServeError
-from .base import Adapter, Options
+from .base import Adapter, LoRAOptions, Options, RankOptions, opt
 from .corda import CorDAIPA, CorDAKPA
 from .delta import Delta
 from .kasa import KaSA
@@ -34,6 +34,7 @@ METHODS: dict[str, type[Adapter]] = {
     "kore": KORE,
     "delta": Delta,
 }
+DEFAULT_METHOD = "kasa"
 
 
 def get_method(name: str) -> type[Adapter]:
@@ -43,4 +44,4 @@ def get_method(name: str) -> type[Adapter]:
         raise SvdServeError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Adapter", "Options", "get_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Adapter", "LoRAOptions", "Options", "RankOptions", "get_method", "opt"]

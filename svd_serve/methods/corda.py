@@ -5,14 +5,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SvdServeError
-from .base import Options
+from ..linalg import LowRank
+from .base import LoRAOptions, opt
 from .residual import Residual
 
 
 @dataclass
-class CorDAOptions(Options):
-    damp: float = 0.01
-    """Initial damping δ of ``C + δ·mean(diag C)·I``; doubled until ‖C C⁻¹ − I‖_F < 0.05."""
+class CorDAOptions(LoRAOptions):
+    damp: float = opt(0.01, "Initial damping δ of C + δ·mean(diag C)·I; doubled until ‖C C⁻¹ − I‖_F < 0.05.", gt=0)
 
 
 def damped_inverse(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +47,7 @@ class CorDA(Residual):
         v = (vh @ inv).T
         r = self.opts.rank
         sel = slice(0, r) if self.mode == "ipa" else slice(-r, None)
-        root = (s[sel] / self.scale).sqrt()
-        return u[:, sel] * root, root[:, None] * v[:, sel].T
+        return LowRank.from_svd(u[:, sel], s[sel], v[:, sel].T, self.scale)
 
 
 class CorDAIPA(CorDA):

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
-from ..errors import SvdServeError
-from .base import Factors
+from dataclasses import dataclass
+
+from ..linalg import LowRank
+from .base import RankOptions, opt
 from .lora import LoRA
+
+
+@dataclass
+class DeltaOptions(RankOptions):
+    rank: int = opt(8, "Components per module (modules of a smaller rank are zero-padded).", ge=1)
 
 
 class Delta(LoRA):
@@ -13,13 +20,11 @@ class Delta(LoRA):
 
     name = "delta"
     paper = "a fixed ΔW = B A (merged, imported from PEFT, or extracted from a full fine-tune)"
-    alpha_per_rank = 1.0
-    uses_rank = False  # any rank ≥ 1 is valid, not only [1, min(out, in) - 1]
+    bound = "rank"
+    Options = DeltaOptions
 
-    def build(self) -> None:
-        if self.opts.rank < 1:
-            raise SvdServeError(f"delta: rank {self.opts.rank} must be at least 1")
-        super().build()
+    def check(self) -> None:
+        """Any rank ≥ 1 (the schema's range): padding may exceed ``min(out, in)``."""
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B)

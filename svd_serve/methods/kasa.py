@@ -5,16 +5,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import minor_svd
-from .base import Adapter, Factors, Options, kaiming_, orthogonality
+from ..linalg import LowRank, minor_svd
+from .base import Adapter, LoRAOptions, kaiming_, opt, orthogonality
 
 
 @dataclass
-class KaSAOptions(Options):
-    beta: float = 1e-4
-    """Weight of the singular-value penalty ``Σ d²``."""
-    gamma: float = 1e-3
-    """Weight of the orthogonality penalty ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (r×r Grams, as HF PEFT)."""
+class KaSAOptions(LoRAOptions):
+    beta: float = opt(1e-4, "Weight of the singular-value penalty Σ d².", reg=True, ge=0)
+    gamma: float = opt(1e-3, "Weight of the orthogonality penalty ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (r×r Grams, as HF PEFT).",
+                       reg=True, ge=0)
 
 
 class KaSA(Adapter):
@@ -51,11 +50,11 @@ class KaSA(Adapter):
         self.B.zero_()
         self.d.normal_()
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * (self.d * self.scale)
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * (self.d * self.scale))
 
-    def frozen_factors(self) -> Factors:
-        return self.dropped_vh, -self.dropped_us
+    def frozen_factors(self) -> LowRank:
+        return LowRank(self.dropped_vh, -self.dropped_us)
 
     def regularizer(self):
         return self.opts.beta * self.d.square().sum() + self.opts.gamma * orthogonality(self.A, self.B)

@@ -3,17 +3,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import SvdServeError
-from .base import Factors, Options
-from .residual import Residual, split_sqrt
+from ..linalg import LowRank
+from .base import LoRAOptions, opt
+from .residual import Residual
 
 
 @dataclass
-class KOREOptions(Options):
-    freeze_a: bool = False
-    """Train only B (KORE v2): ΔW = s·(B − B0) A0, rank ≤ r, and A stays in the null space."""
+class KOREOptions(LoRAOptions):
+    freeze_a: bool = opt(False, "Train only B (KORE v2): ΔW = s·(B − B0) A0, rank ≤ r, and A stays in the null space.")
 
 
 class KORE(Residual):
@@ -25,6 +24,7 @@ class KORE(Residual):
     name = "kore"
     paper = "KORE: Enhancing Knowledge Injection via Knowledge-Oriented Constraints (github KORE-LMM/KORE); LoRA-Null (github HungerPWAY/LoRA-Null)"
     Options = KOREOptions
+    bound = "2r (r with freeze_a)"
     needs_calibration = True
 
     def build(self) -> None:
@@ -40,10 +40,10 @@ class KORE(Residual):
         _, evecs = torch.linalg.eigh(cov.double())
         null = evecs[:, :r].float()  # [n, r], smallest eigenvalues
         u, s, qh = torch.linalg.svd(weight @ null, full_matrices=False)  # W N = U S Qᵀ
-        return split_sqrt(u, s, qh @ null.T, self.scale)  # W N Nᵀ = U S (N Q)ᵀ
+        return LowRank.from_svd(u, s, qh @ null.T, self.scale)  # W N Nᵀ = U S (N Q)ᵀ
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.scale
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.scale)
 
     def rank_bound(self) -> int:
         return self.opts.rank if self.opts.freeze_a else 2 * self.opts.rank

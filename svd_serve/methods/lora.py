@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, Factors, kaiming_
+from ..linalg import LowRank
+from .base import Adapter, kaiming_
 
 
 class LoRA(Adapter):
@@ -11,6 +12,7 @@ class LoRA(Adapter):
 
     name = "lora"
     paper = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
+    bound = "r"
 
     def build(self) -> None:
         self.A = nn.Parameter(torch.zeros(self.opts.rank, self.n))
@@ -21,8 +23,8 @@ class LoRA(Adapter):
         kaiming_(self.A)
         self.B.zero_()
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.scale
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.scale)
 
     def rank_bound(self) -> int:
         return self.opts.rank

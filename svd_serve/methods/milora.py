@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import minor_svd
+from ..linalg import LowRank, minor_svd
 from .residual import Residual
 
 
@@ -14,6 +14,6 @@ class MiLoRA(Residual):
 
     def components(self, weight, cov):
         us, s, vh = minor_svd(weight, self.opts.rank)
-        # B0 = U √(S/s) = US / √(S·s); a zero singular value gives a zero component.
-        denom = torch.where(s > 0, (s * self.scale).sqrt(), torch.ones_like(s))
-        return us / denom, (s / self.scale).sqrt()[:, None] * vh
+        # U = US / S; a zero singular value gives a zero component
+        u = us / torch.where(s > 0, s, torch.ones_like(s))
+        return LowRank.from_svd(u, s, vh, self.scale)

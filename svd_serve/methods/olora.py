@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import LowRank
 from .residual import Residual
 
 
@@ -13,4 +14,4 @@ class OLoRA(Residual):
 
     def components(self, weight, cov):
         q, r = torch.linalg.qr(weight)
-        return q[:, : self.opts.rank], r[: self.opts.rank]
+        return LowRank(r[: self.opts.rank], q[:, : self.opts.rank])

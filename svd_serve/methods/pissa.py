@@ -2,15 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..linalg import top_svd
-from .base import Options
-from .residual import Residual, split_sqrt
+from ..linalg import LowRank, top_svd
+from .base import LoRAOptions, niter_opt
+from .residual import Residual
 
 
 @dataclass
-class PiSSAOptions(Options):
-    niter: int | None = None
-    """None: exact SVD. An integer: randomized SVD with that many power iterations (fast init)."""
+class PiSSAOptions(LoRAOptions):
+    niter: int | None = niter_opt()
 
 
 class PiSSA(Residual):
@@ -22,4 +21,4 @@ class PiSSA(Residual):
 
     def components(self, weight, cov):
         u, s, vh = top_svd(weight, self.opts.rank, self.opts.niter)
-        return split_sqrt(u, s, vh, self.scale)
+        return LowRank.from_svd(u, s, vh, self.scale)

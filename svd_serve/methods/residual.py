@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Factors
+from ..linalg import LowRank
+from .base import Adapter
 
 
 class Residual(Adapter):
@@ -24,26 +25,21 @@ class Residual(Adapter):
         self.register_buffer("A0", torch.zeros(r, self.n))
         self.register_buffer("B0", torch.zeros(self.m, r))
 
-    def components(self, weight: Tensor, cov: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(B0 [m, r], A0 [r, n])`` with ``s·B0 A0`` the piece taken out of the base."""
+    def components(self, weight: Tensor, cov: Tensor | None) -> LowRank:
+        """``(A0 [r, n], B0 [m, r])`` with ``s·B0 A0`` the piece taken out of the base."""
         raise NotImplementedError
 
     @torch.no_grad()
     def init(self, weight: Tensor, cov: Tensor | None = None) -> None:
-        b0, a0 = self.components(weight.float(), cov)
+        a0, b0 = self.components(weight.float(), cov)
         self.A0.copy_(a0)
         self.B0.copy_(b0)
         self.A.copy_(a0)
         self.B.copy_(b0)
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.scale
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.scale)
 
-    def frozen_factors(self) -> Factors:
-        return self.A0, self.B0 * -self.scale
+    def frozen_factors(self) -> LowRank:
+        return LowRank(self.A0, self.B0 * -self.scale)
 
-
-def split_sqrt(u: Tensor, s: Tensor, vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``U diag(S) Vh = scale · B0 A0`` with the singular values shared evenly: ``B0 = U√(S/scale)``."""
-    root = (s / scale).sqrt()
-    return u * root, root[:, None] * vh

@@ -7,15 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SvdServeError
-from .base import Adapter, Factors, Options, kaiming_
+from ..linalg import LowRank
+from .base import Adapter, RankOptions, kaiming_, opt
 
 
 @dataclass
-class SALTOptions(Options):
-    ratio: float = 0.1
-    """Fraction of the k singular values that get a trainable scale and shift (k_s = max(1, ⌊k·ratio⌋))."""
-    reg: float = 0.0
-    """Weight of ``‖Σ'_top − Σ_top‖_F + ‖XY‖_F`` (off by default, as in the paper's code)."""
+class SALTOptions(RankOptions):
+    ratio: float = opt(0.1, "Fraction of the k singular values that get a trainable scale and shift "
+                            "(k_s = max(1, ⌊k·ratio⌋)); rank is the rank of the LoRA on the tail.", gt=0, lt=1)
+    reg: float = opt(0.0, "Weight of ‖Σ'_top − Σ_top‖_F + ‖XY‖_F (off by default, as in the paper's code).",
+                     reg=True, ge=0)
 
 
 class SALT(Adapter):
@@ -31,13 +32,21 @@ class SALT(Adapter):
     name = "salt"
     paper = "SALT: Singular Value Adaptation with Low-Rank Transformation (Elsayed et al., 2025; github BioMedIA-MBZUAI/SALT)"
     Options = SALTOptions
+    bound = "k_s + r"
+
+    @property
+    def ks(self) -> int:
+        """How many top singular values get a scale and shift."""
+        return max(1, int(self.k * self.opts.ratio))
+
+    def check(self) -> None:
+        if not self.opts.rank < self.k - self.ks:
+            raise SvdServeError(f"salt: rank {self.opts.rank} must be below the tail size k - k_s = "
+                                f"{self.k - self.ks} for a {self.m}x{self.n} layer")
 
     def build(self) -> None:
         k, r = self.k, self.opts.rank
-        self.ks = max(1, int(k * self.opts.ratio))
         tail = k - self.ks
-        if r >= tail:
-            raise SvdServeError(f"salt: rank {r} must be below the tail size k - k_s = {tail}")
         self.scale_a = nn.Parameter(torch.ones(self.ks))
         self.shift_b = nn.Parameter(torch.zeros(self.ks))
         self.X = nn.Parameter(torch.zeros(tail, r))
@@ -61,11 +70,11 @@ class SALT(Adapter):
         s = self.S[: self.ks]
         return F.relu(self.scale_a * s + self.shift_b) - s
 
-    def trainable_factors(self) -> Factors:
+    def trainable_factors(self) -> LowRank:
         ks = self.ks
         a = torch.cat([self.Vh[:ks], self.Y @ self.Vh[ks:]])
         b = torch.cat([self.U[:, :ks] * self.top_delta(), self.U[:, ks:] @ self.X], dim=1)
-        return a, b
+        return LowRank(a, b)
 
     def regularizer(self):
         if self.opts.reg == 0:

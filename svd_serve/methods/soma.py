@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Options
+from .base import LoRAOptions, alpha_opt, rank_opt
 from .milora import MiLoRA
 
 
 @dataclass
-class SoMAOptions(Options):
-    rank: int = 16
-    alpha: float | None = 16.0
+class SoMAOptions(LoRAOptions):
+    rank: int = rank_opt(16)
+    alpha: float | None = alpha_opt(16.0)
 
 
 class SoMA(MiLoRA):

@@ -5,16 +5,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import top_svd
-from .base import Adapter, Factors, Options, orthogonality
+from ..linalg import LowRank, top_svd
+from .base import Adapter, RankOptions, niter_opt, opt, orthogonality
 
 
 @dataclass
-class SORSAOptions(Options):
-    gamma: float = 4e-4
-    """Weight of ``‖AAᵀ − I‖_F + ‖BᵀB − I‖_F`` (mean over layers). Added to the loss; the official
-    trainer instead applies its gradient scaled by γ/lr after clipping."""
-    niter: int | None = None
+class SORSAOptions(RankOptions):
+    gamma: float = opt(4e-4, "Weight of ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (mean over layers), added to the loss (the "
+                             "official trainer applies its gradient scaled by γ/lr after clipping).", reg=True, ge=0)
+    niter: int | None = niter_opt()
 
 
 class SORSA(Adapter):
@@ -41,11 +40,11 @@ class SORSA(Adapter):
             p.copy_(v)
             p0.copy_(v)
 
-    def trainable_factors(self) -> Factors:
-        return self.A, self.B * self.S
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.A, self.B * self.S)
 
-    def frozen_factors(self) -> Factors:
-        return self.A0, self.B0 * -self.S0
+    def frozen_factors(self) -> LowRank:
+        return LowRank(self.A0, self.B0 * -self.S0)
 
     def regularizer(self):
         return self.opts.gamma * orthogonality(self.A, self.B)

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import top_svd
-from .base import Adapter, Factors, Options
+from ..linalg import LowRank, top_svd
+from .base import Adapter, RankOptions, niter_opt
 
 
 @dataclass
-class SVFitOptions(Options):
-    niter: int | None = None
+class SVFitOptions(RankOptions):
+    niter: int | None = niter_opt()
 
 
 class SVFit(Adapter):
@@ -21,9 +21,14 @@ class SVFit(Adapter):
     name = "svfit"
     paper = "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values (Sun et al., 2024, arXiv:2409.05926)"
     Options = SVFitOptions
+    bound = "r"
 
     def svd_rank(self) -> int:
         return self.opts.rank
+
+    def svd(self, weight):
+        """The ``svd_rank()`` largest singular triplets of the base weight."""
+        return top_svd(weight, self.svd_rank(), self.opts.niter)
 
     def build(self) -> None:
         r = self.svd_rank()
@@ -34,14 +39,14 @@ class SVFit(Adapter):
 
     @torch.no_grad()
     def init(self, weight, cov=None) -> None:
-        u, s, vh = top_svd(weight, self.svd_rank(), getattr(self.opts, "niter", None))
+        u, s, vh = self.svd(weight)
         self.U.copy_(u)
         self.Vh.copy_(vh)
         self.sigma.copy_(s)
         self.sigma0.copy_(s)
 
-    def trainable_factors(self) -> Factors:
-        return self.Vh, self.U * (self.sigma - self.sigma0)
+    def trainable_factors(self) -> LowRank:
+        return LowRank(self.Vh, self.U * (self.sigma - self.sigma0))
 
     def rank_bound(self) -> int:
         return self.svd_rank()

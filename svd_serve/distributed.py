@@ -1,0 +1,90 @@
+"""The processes of a training run: one, or data-parallel ranks under ``torchrun``.
+
+Every ``torch.distributed`` call of svd-serve is here. Each rank holds the whole frozen base and the
+adapter and takes its share of every global batch; the adapter gradients are summed across ranks in
+one all-reduce per step, so every rank makes the same update, and only rank 0 writes. With one
+process every collective is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import SvdServeError
+
+
+@dataclass
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, device: str | None = None) -> "Processes":
+        """Join torchrun's process group (``WORLD_SIZE > 1``: NCCL on GPUs, gloo on CPU) and pick the
+        device: ``device``, else ``cuda:LOCAL_RANK`` where CUDA is available, else the CPU."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank() if world > 1 else 0
+        if device:
+            dev = torch.device(device)
+        elif torch.cuda.is_available():
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            dev = torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return cls(rank, world, dev)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *args, **kwargs) -> None:
+        """``print`` on rank 0 only."""
+        if self.master:
+            print(*args, **kwargs)
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Rank 0's values in every rank's ``tensors``."""
+        if self.world > 1:
+            for t in tensors:
+                dist.broadcast(t, 0)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def sum_grads_(self, params: list[torch.Tensor], scalar: torch.Tensor) -> torch.Tensor:
+        """Sum every parameter's gradient (a missing one counts as zero) and ``scalar`` over ranks,
+        in one all-reduce; returns the summed scalar."""
+        if self.world == 1:
+            return scalar
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [scalar.float().reshape(1)])
+        dist.all_reduce(flat)
+        for p, chunk in zip(params, flat[:-1].split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p)
+        return flat[-1].to(scalar.dtype)
+
+    def check_same(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every rank must hold rank 0's values (the updates were the same)."""
+        if self.world == 1:
+            return
+        for name, t in tensors.items():
+            ref = t.clone()
+            dist.broadcast(ref, 0)
+            if not torch.equal(ref, t):
+                raise SvdServeError(f"rank {self.rank} diverged from rank 0 at {name}")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()

@@ -1,0 +1,129 @@
+"""Helpers shared by the test modules (imported as ``helpers``; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from svd_serve.adapter import AdapterSet, make_options, sweep_options
+from svd_serve.methods import METHODS
+from svd_serve.model import load_base, resolve_targets
+
+# max |Δ logits| accepted when comparing two computations of the same model, by dtype (as vLLM's LoRA tests)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def one_error(code: int, output: str, *needles: str) -> str:
+    """Exit 2, exactly one ``error:`` line holding every needle, no traceback; returns that line."""
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def invoke(*args) -> tuple[int, str]:
+    """Run ``svd-serve ARGS`` in-process; returns (exit code, stdout+stderr)."""
+    from svd_serve.cli import main
+
+    buf = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, buf.getvalue()
+
+
+# --- adapters -------------------------------------------------------------------------------------
+def adapter_tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(Path(path) / "svd_adapter.safetensors")
+
+
+def max_diff(a, b) -> float:
+    """Largest |difference| between the tensors of two saved adapters (which have the same tensors)."""
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+@torch.no_grad()
+def perturb(adapters: AdapterSet, seed: int = 0, scale: float = 0.05) -> None:
+    """Move every trainable tensor off its init (as training would), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    for p in adapters.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_adapter(base, out, method: str = "lora", rank: int = 4, targets: str = "q_proj,v_proj",
+                 seed: int = 0, scale: float = 0.05) -> Path:
+    """An adapter as if trained (:func:`perturb`), saved at ``out`` (returned). Methods that need
+    calibration get covariances over a few fixed sentences."""
+    from transformers import AutoTokenizer
+
+    from svd_serve.calib import input_covariances
+
+    model = load_base(base)
+    names = resolve_targets(model, targets)
+    covs = None
+    if METHODS[method].needs_calibration:
+        rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
+        covs = input_covariances(model, names, rows, AutoTokenizer.from_pretrained(base))
+    adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, covs,
+                                 progress=False)
+    perturb(adapters, seed, scale)
+    return adapters.save(out)
+
+
+def folded(base, adapter=None) -> torch.nn.Module:
+    """The base with ``adapter`` folded into its weights (the reference every export must match)."""
+    model = load_base(base)
+    if adapter is not None:
+        AdapterSet.load(adapter, model).fold_into(model)
+    return model
+
+
+# --- a base with every method attached (test_methods, test_peft_parity) -------------------------
+@dataclass
+class Env:
+    path: Path
+    model: torch.nn.Module
+    targets: list[str]
+    covs: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    base_logits: torch.Tensor
+
+
+@torch.no_grad()
+def logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def gap(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).detach().abs().max())
+
+
+def create(e: Env, method: str, rank: int = 4, **options) -> tuple[torch.nn.Module, AdapterSet]:
+    """A fresh copy of the base with ``method`` attached over all-linear targets (``rank`` where the
+    method has one)."""
+    model = copy.deepcopy(e.model)
+    covs = e.covs if METHODS[method].needs_calibration else None
+    opts = make_options(method, **{**vars(sweep_options(method, rank=rank)), **options})
+    adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", covs, base_model=str(e.path),
+                                 progress=False)
+    return adapters.attach(model), adapters
