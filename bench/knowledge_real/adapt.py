@@ -24,7 +24,7 @@ from svd_serve.errors import SvdServeError
 from svd_serve.methods import get_method
 from svd_serve.model import load_base
 from svd_serve.realmodel import smollm2
-from svd_serve.train import TrainConfig, _loss_sum, global_batch, lr_at, train
+from svd_serve.train import TrainConfig, global_batch, loss_sum, lr_at, train
 
 FULL = "full"  # full fine-tuning: every parameter, no adapter
 MAX_LENGTH = 256
@@ -75,15 +75,25 @@ def same_adapter(a: tuple[str, tuple[str, ...]], b: tuple[str, tuple[str, ...]],
         return layer
 
     la, lb = build(*a), build(*b)
-    sa, sb = la.state_dict(), lb.state_dict()
-    if type(la).needs_calibration != type(lb).needs_calibration or sa.keys() != sb.keys():
+    if (type(la).needs_calibration != type(lb).needs_calibration
+            or type(la).after_step is not type(lb).after_step  # e.g. a rank-adaptive schedule
+            or la.state_dict().keys() != lb.state_dict().keys()
+            or [n for n, _ in la.named_parameters()] != [n for n, _ in lb.named_parameters()]):
         return False
-    if [n for n, _ in la.named_parameters()] != [n for n, _ in lb.named_parameters()]:
-        return False
-    ra, rb = la.regularizer(), lb.regularizer()
-    with torch.no_grad():
+
+    def same_now() -> bool:
+        sa, sb, ra, rb = la.state_dict(), lb.state_dict(), la.regularizer(), lb.regularizer()
         return (all(torch.equal(sa[k], sb[k]) for k in sa) and torch.equal(la(x), lb(x))
                 and (ra is None) == (rb is None) and (ra is None or torch.equal(ra, rb)))
+
+    with torch.no_grad():
+        if not same_now():
+            return False
+        for (_, pa), (_, pb) in zip(la.named_parameters(), lb.named_parameters()):  # away from the init too
+            step = torch.randn(pa.shape, generator=gen)
+            pa.add_(step)
+            pb.add_(step)
+        return same_now()
 
 
 def needs_calibration(method: str) -> bool:
@@ -140,7 +150,7 @@ def full_finetune(base: Path, data: Path, out: Path, steps: int, batch_size: int
             group["lr"] = lr_at(step, cfg, steps)
         batch_ids = global_batch(step, len(examples), batch_size, seed)
         batch = collate([examples[i] for i in batch_ids], tokenizer.pad_token_id)
-        ce, n = _loss_sum(model, batch, torch.device("cpu"), nullcontext)
+        ce, n = loss_sum(model, batch, torch.device("cpu"), nullcontext)
         (ce / n.clamp_min(1)).backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
@@ -173,7 +183,7 @@ def nll_sum(model, examples: list[Example], batch_size: int = 32) -> tuple[float
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     for i in range(0, len(order), batch_size):
         batch = collate([examples[j] for j in order[i:i + batch_size]], pad_id=0)
-        ce, n = _loss_sum(model, batch, torch.device("cpu"), nullcontext)
+        ce, n = loss_sum(model, batch, torch.device("cpu"), nullcontext)
         total += ce.item()
         count += int(n)
     return total, count
