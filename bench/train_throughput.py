@@ -74,7 +74,7 @@ def run_svd(model: Path, data: Path, work: Path, method: str, steps: int, batch:
     t.train(t.TrainConfig(base=str(model), data=str(data), out=str(out), method=method, rank=RANK,
                           targets=",".join(TARGETS), steps=steps, batch_size=batch, lr=LR, schedule="constant",
                           max_length=128, seed=SEED, absorb_frozen=absorb, progress=False))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    records = [r for line in (out / "metrics.jsonl").open() if (r := json.loads(line))["step"] > 0]  # not the init check
     ends = [0.0] + [r["elapsed"] for r in records]  # the loop's clock starts right before step 1
     tokens = [0] + [r["tokens"] for r in records]
     return {"step_tokens": [b - a for a, b in zip(tokens, tokens[1:])],

@@ -25,6 +25,7 @@ from .errors import SvdServeError
 from .io import atomic_dir
 from .linalg import LowRank, compress
 from .methods import Adapter, Options, get_method
+from .methods.delta import Delta
 from .model import AdaptedLinear, add_low_rank_, attach, detach, fingerprint
 
 CONFIG_NAME = "svd_adapter.json"
@@ -110,7 +111,7 @@ class AdapterSet(nn.Module):
                covariances: dict[str, Tensor] | None = None, base_model: str = "",
                progress: bool = True) -> "AdapterSet":
         method_cls = get_method(method)
-        if method_cls.needs_calibration and not covariances:
+        if method_cls.needs_calibration_for(opts) and not covariances:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
         shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(
@@ -155,7 +156,9 @@ class AdapterSet(nn.Module):
             self.check_base(model)
         return self
 
-    def check_base(self, model: nn.Module) -> None:
+    def check_base(self, model) -> None:
+        """Shapes and fingerprint of the targets against ``model``: a loaded base, or a
+        :class:`svd_serve.weights.Weights` (its skeleton's shapes, its files' samples)."""
         modules = dict(model.named_modules())
         for name, shape in self.config.targets.items():
             mod = modules.get(name)
@@ -164,7 +167,8 @@ class AdapterSet(nn.Module):
             if list(mod.weight.shape) != list(shape):
                 raise SvdServeError(f"adapter module {name} has shape {shape}, the base has "
                                     f"{list(mod.weight.shape)}: the adapter belongs to another base")
-        fp = fingerprint(model, list(self.config.targets))
+        names = list(self.config.targets)
+        fp = fingerprint(model, names) if isinstance(model, nn.Module) else model.fingerprint(names)
         if fp != self.config.base_fingerprint:
             raise SvdServeError(f"the adapter was initialised from a different base (fingerprint "
                                 f"{self.config.base_fingerprint} != {fp} of this base)")
@@ -212,6 +216,27 @@ class AdapterSet(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         return Path(path)
+
+
+def delta_adapter(factors: dict[str, LowRank], architecture: str, base_fingerprint: str,
+                  base_model: str = "", target_spec: str = "") -> AdapterSet:
+    """A native ``delta`` adapter holding ``ΔW = B A`` per module (``factors``: module → ``(A, B)``,
+    zero-padded to one rank): what merge, import and extract write."""
+    rank = max(1, max(a.shape[0] for a, _ in factors.values()))
+    config = AdapterConfig(
+        method="delta", options=dataclasses.asdict(Delta.Options(rank=rank)),
+        targets={n: [b.shape[0], a.shape[1]] for n, (a, b) in factors.items()},
+        target_spec=target_spec or ",".join(sorted({n.rsplit(".", 1)[-1] for n in factors})),
+        architecture=architecture, base_fingerprint=base_fingerprint, base_model=str(base_model))
+    adapters = AdapterSet(config)
+    with torch.no_grad():
+        for name, layer in adapters.items():
+            a, b = factors[name]
+            layer.A.zero_()
+            layer.B.zero_()
+            layer.A[: a.shape[0]].copy_(a)
+            layer.B[:, : b.shape[1]].copy_(b)
+    return adapters
 
 
 def _key(name: str) -> str:

@@ -150,7 +150,8 @@ def plot(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in map(json.loads, lines) if "loss" in r]  # (not the init check's record, step 0)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     evals = [r for r in records if "eval_loss" in r]

@@ -88,6 +88,10 @@ def methods_cmd(name):
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--absorb-frozen/--no-absorb-frozen", default=TRAIN["absorb_frozen"],
               help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
+@click.option("--max-init-loss-increase", default=str(TRAIN["max_init_loss_increase"]), metavar="NATS",
+              help="Refuse to train when the adapter at init raises the loss (on a few eval or training rows) "
+                   "by more than this many nats; 0, inf or off: never refuse (the check is still shown and "
+                   "recorded).")
 @click.option("--seed", default=TRAIN["seed"], type=int, help="Seed of the adapter init, the data order and --eval-split.")
 @click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
 @click.option("--keep-checkpoints", default=TRAIN["keep_checkpoints"], type=int,
@@ -119,12 +123,14 @@ def train(ctx, config_file, **given):
 @click.option("--base", required=True, type=click.Path(), help="The base the adapter was trained on.")
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF checkpoint directory.")
+@click.option("--max-shard-size", help="Shard the output at this size, e.g. 5GB (default: the base's shards).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def fold(base, adapter, out, overwrite):
-    """Fold an adapter into the base: a standalone HF checkpoint in the base's own dtype."""
+def fold(base, adapter, out, max_shard_size, overwrite):
+    """Fold an adapter into the base: a standalone HF checkpoint in the base's own dtype, written one
+    tensor at a time."""
     from .fold import fold as run
 
-    click.echo(f"folded checkpoint written to {run(base, adapter, out, overwrite)}")
+    click.echo(f"folded checkpoint written to {run(base, adapter, out, max_shard_size, overwrite)}")
 
 
 @cli.command()
@@ -137,19 +143,25 @@ def fold(base, adapter, out, overwrite):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="--target onnx: the graph's dtype, float32 (CPU) or float16 (CUDA); default float16 where "
                    "CUDAExecutionProvider is available, else float32. Other targets write float32 factors.")
-@click.option("--no-verify", is_flag=True, help="Skip the numerical check of the written adapter.")
+@click.option("--no-verify", is_flag=True, help="Skip the numerical checks of the written adapter.")
+@click.option("--check-logits/--no-check-logits", default=None,
+              help="Also compare logits of the float32 base with the written factors and the adapted "
+                   "model (loads the model; default: on for checkpoints up to 256 MiB).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def export(target, base, adapters, out, max_rank, dtype, no_verify, overwrite):
+def export(target, base, adapters, out, max_rank, dtype, no_verify, check_logits, overwrite):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
-    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify, overwrite=overwrite,
-                 **extra)
+    report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify,
+                 check_logits=check_logits, overwrite=overwrite, **extra)
     for name, entry in report["adapters"].items():
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
         line += "exact" if err == 0 else f"max relative error {err:.3e}"
+        if "max_factor_error" in entry:
+            line += (f", check: ‖ΔW − B'A'‖/‖ΔW‖ ≤ {entry['max_factor_error']:.1e}, "
+                     f"outputs ≤ {entry['max_output_error']:.1e}")
         if "max_logit_gap" in entry:
             line += f", logits vs adapted model: max |Δ| {entry['max_logit_gap']:.2e}"
         if "onnx_max_logit_gap" in entry:
@@ -228,8 +240,10 @@ def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, 
 @click.option("--max-rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
 @click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
+@click.option("--max-shard-size", help="--fold/twin: shard the checkpoint at this size, e.g. 5GB (default: the base's shards).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def merge(base, adapters, method, weights, density, lam, seed, shared, fold, max_rank, old_rank, out, overwrite):
+def merge(base, adapters, method, weights, density, lam, seed, shared, fold, max_rank, old_rank, out, max_shard_size,
+          overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME."""
     from .merge import merge as run
@@ -241,7 +255,8 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, fold, max
         except ValueError:
             raise SvdServeError(f"--weights {weights!r} is not a comma list of numbers") from None
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
-                 seed=seed, fold=fold, rank=max_rank, shared=shared, overwrite=overwrite)
+                 seed=seed, fold=fold, rank=max_rank, shared=shared, max_shard_size=max_shard_size,
+                 overwrite=overwrite)
     if report["kind"] == "adapter":
         click.echo(f"rank {report['rank']}, max relative error {report['max_rel_error']:.3e}")
     for name, entry in report.get("adapters", {}).items():

@@ -1,18 +1,62 @@
 """``svd-serve export``: adapters → exact low-rank ΔW against the original base → a target's files,
-then a numerical check of what was written against the adapted model."""
+with numerical checks of what is written.
+
+The base is never loaded for the export itself: an adapter's ΔW needs only the adapter file, and
+the base is read only for the fingerprint check (a sample of each target weight,
+:meth:`svd_serve.weights.Weights.fingerprint`). Every export is checked per module, in factor
+space, before anything is written: the exported factors ``B' A'`` against the adapter's exact
+``ΔW = B A`` (relative Frobenius error through a QR of the stacked factors, no ``m x n`` matrix),
+and the relative output error ``‖(ΔW − B' A') X‖ / ‖ΔW X‖`` on random inputs. The end-to-end check
+(the float32 base with the written factors against the adapted model, max |Δ logits|) loads the
+model: it runs by default when the checkpoint's weights take at most
+:data:`CHECK_LOGITS_MAX_BYTES`, and always with ``check_logits=True`` (``--check-logits``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .adapter import AdapterSet
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
 from .io import check_out
+from .linalg import LowRank, factored_svd
 from .model import LowRankDelta, linear_names, load_base
+from .weights import Weights, return_freed_memory
+
+CHECK_LOGITS_MAX_BYTES = 256 << 20  # the logits check's default: on up to this checkpoint size
+CHECK_INPUTS = 16  # random input vectors of the per-module output check
+CHECK_RTOL = 1e-5  # accepted excess of the factor error over the reported truncation error (float32 factors)
+
+
+@torch.no_grad()
+def factor_errors(exact: LowRank, written: LowRank, seed: int = 0) -> tuple[float, float]:
+    """``(‖ΔW − B'A'‖_F / ‖ΔW‖_F, ‖(ΔW − B'A') X‖_F / ‖ΔW X‖_F)`` for ``ΔW = B A`` (``exact``) and
+    ``written = (A', B')``, ``X`` Gaussian ``[n, CHECK_INPUTS]``; float64, in factor space. For a zero
+    ``ΔW`` the absolute norms are returned."""
+    (a, b), (a2, b2) = exact, written
+    diff = factored_svd(torch.cat([a, a2]), torch.cat([b, -b2], 1))[1].norm()
+    ref = factored_svd(a, b)[1].norm()
+    x = torch.randn(a.shape[1], CHECK_INPUTS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = b.double() @ (a.double() @ x)
+    y_gap = (y - b2.double() @ (a2.double() @ x)).norm()
+    return (float(diff / ref) if ref > 0 else float(diff)), (float(y_gap / y.norm()) if y.norm() > 0 else float(y_gap))
+
+
+def check_factors(exported: ExportedAdapter, adapters: AdapterSet) -> dict:
+    """Every module's exported factors against the adapter's exact ΔW; raises if any error exceeds
+    the truncation error ``export`` reported for it (plus float32 rounding)."""
+    factor_err, output_err = 0.0, 0.0
+    for name, layer in adapters.items():
+        f, o = factor_errors(layer.delta(), LowRank(exported.A[name], exported.B[name]))
+        if f > exported.rel_error[name] + CHECK_RTOL:
+            raise SvdServeError(f"export check failed for {exported.name}: module {name} is written with "
+                                f"relative error {f:.3e}, expected {exported.rel_error[name]:.3e}")
+        factor_err, output_err = max(factor_err, f), max(output_err, o)
+    return {"max_factor_error": factor_err, "max_output_error": output_err}
 
 
 @torch.no_grad()
@@ -34,8 +78,12 @@ def logits_gap(model: nn.Module, first: dict[str, nn.Module], second: dict[str, 
 
 
 def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: str | Path,
-           max_rank: int | None = None, verify: bool = True, overwrite: bool = False, **options) -> dict:
-    """Write ``adapter_dirs`` for ``target`` under ``out``; returns a report (ranks, errors, checks)."""
+           max_rank: int | None = None, verify: bool = True, check_logits: bool | None = None,
+           overwrite: bool = False, **options) -> dict:
+    """Write ``adapter_dirs`` for ``target`` under ``out``; returns a report (ranks, errors, checks).
+
+    ``verify=False`` skips every check; ``check_logits`` None runs the end-to-end logits check when
+    the base's weights take at most :data:`CHECK_LOGITS_MAX_BYTES`."""
     convert = get_target(target).export
     if not adapter_dirs:
         raise SvdServeError("give at least one --adapter")
@@ -45,19 +93,24 @@ def export(target: str, base: str | Path, adapter_dirs: list[str | Path], out: s
     if len(set(names)) != len(names):
         raise SvdServeError(f"adapter directory names must be distinct: {names}")
     check_out(out, [base, *adapter_dirs], overwrite)
-    model = load_base(base)
-    sets = [AdapterSet.load(p, model) for p in adapter_dirs]
+    return_freed_memory()
+    ckpt = Weights(base)
+    sets = [AdapterSet.load(p, ckpt) for p in adapter_dirs]
     exported = [ExportedAdapter.from_adapter(n, p, s, max_rank) for n, p, s in zip(names, adapter_dirs, sets)]
-    job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(model),
-                    architecture=type(model).__name__, model_type=model.config.model_type,
+    checks = {e.name: check_factors(e, s) for e, s in zip(exported, sets)} if verify else {}
+    if check_logits is None:
+        check_logits = verify and ckpt.nbytes <= CHECK_LOGITS_MAX_BYTES
+    model = load_base(base) if check_logits else None
+    job = ExportJob(base=Path(base), adapters=exported, linear_modules=linear_names(ckpt.skeleton),
+                    architecture=ckpt.architecture, model_type=ckpt.config.model_type,
                     options=options, overwrite=overwrite)
     written = dict(convert(job, Path(out)))
     messages = written.pop("messages") if isinstance(written.get("messages"), list) else []
     report = {"target": target, "out": str(out), "adapters": {}, "messages": messages}
     for e, s in zip(exported, sets):
         entry = {"rank": e.rank, "modules": len(e.A), "bound": max(l.rank_bound() for _, l in s.items()),
-                 "max_rel_error": max(e.rel_error.values()), **written.get(e.name, {})}
-        if verify:
+                 "max_rel_error": max(e.rel_error.values()), **checks.get(e.name, {}), **written.get(e.name, {})}
+        if model is not None:
             native = dict(s.items())
             lowrank = {n: LowRankDelta(e.A[n], e.B[n]) for n in e.A}
             entry["max_logit_gap"] = logits_gap(model, native, lowrank)

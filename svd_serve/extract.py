@@ -2,8 +2,8 @@
 target Linear — Eckart–Young optimal for its rank, as ``mergekit-extract-lora``
 (``A = √Σ Vᵀ``, ``B = U √Σ``). ``--rank K`` keeps K components in every module; ``--energy e`` keeps,
 per module, the fewest components holding a fraction ``e`` of ``‖ΔW‖_F²``. Modules the fine-tune
-left unchanged are left out; other changed parameters (embeddings, norms, biases) are reported,
-since an adapter cannot carry them.
+left unchanged are left out; other changed tensors (embeddings, norms, biases) are reported,
+since an adapter cannot carry them. Both checkpoints are read one tensor at a time.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapter import delta_adapter
+from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .io import check_out
-from .merge import delta_adapter
-from .model import load_base, resolve_targets
+from .linalg import LowRank
+from .model import resolve_targets
 
 
 def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
@@ -25,6 +27,18 @@ def truncation(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
         return min(rank, s.numel())
     cum = (s.square().cumsum(0) / s.square().sum()).tolist()
     return next((i + 1 for i, c in enumerate(cum) if c >= energy * (1 - 1e-12)), s.numel())
+
+
+def same_tensor(base: Weights, tuned: Weights, name: str, block: int = 1 << 24) -> bool:
+    """Whether tensor ``name`` has the same values in both (in float32, as loaded models would
+    compare, ``block`` values at a time when the dtypes differ)."""
+    a, b = base.read(name), tuned.read(name)
+    if a.shape != b.shape:
+        return False
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    a, b = a.reshape(-1), b.reshape(-1)
+    return all(torch.equal(a[i:i + block].float(), b[i:i + block].float()) for i in range(0, a.numel(), block))
 
 
 @torch.no_grad()
@@ -38,34 +52,36 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
     inputs = [base, finetuned]
     check_out(out, inputs, overwrite)
-    model, tuned = load_base(base), load_base(finetuned)
-    if type(model) is not type(tuned):
-        raise SvdServeError(f"the fine-tune is a {type(tuned).__name__}, the base a {type(model).__name__}")
-    names = resolve_targets(model, targets)
+    return_freed_memory()
+    ckpt, tuned = Weights(base), Weights(finetuned)
+    if ckpt.architecture != tuned.architecture:
+        raise SvdServeError(f"the fine-tune is a {tuned.architecture}, the base a {ckpt.architecture}")
+    names = resolve_targets(ckpt.skeleton, targets)
     tuned_modules = dict(tuned.named_modules())
     factors, errors, unchanged = {}, {}, 0
     for name in names:
         mod = tuned_modules.get(name)
-        w0 = model.get_submodule(name).weight
-        if not isinstance(mod, nn.Linear) or mod.weight.shape != w0.shape:
+        shape = ckpt.get_submodule(name).weight.shape
+        if not isinstance(mod, nn.Linear) or mod.weight.shape != shape:
             raise SvdServeError(f"module {name} differs in kind or shape between base and fine-tune: "
                                 "not a fine-tune of this base")
-        diff = mod.weight.double() - w0.double()
+        diff = tuned.weight(name).double() - ckpt.weight(name).double()
         if not diff.any():
             unchanged += 1
             continue
         u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        del diff
         k = truncation(s, rank, energy)
         errors[name] = float(s[k:].square().sum() / s.square().sum()) ** 0.5
         root = s[:k].sqrt()
-        factors[name] = ((root[:, None] * vh[:k]).float(), (u[:, :k] * root).float())
+        factors[name] = LowRank((root[:, None] * vh[:k]).float(), (u[:, :k] * root).float())
     if not factors:
         raise SvdServeError(f"the fine-tune does not differ from the base in any of the {len(names)} target modules")
     targeted = {f"{n}.weight" for n in names}
-    base_params = dict(model.named_parameters())
-    other = [n for n, p in tuned.named_parameters()
-             if n not in targeted and (n not in base_params or not torch.equal(p, base_params[n]))]
-    delta_adapter(model, factors, str(base), targets).save(out, inputs, overwrite)
+    other = [n for n in tuned.tensors
+             if n not in targeted and (n not in ckpt or not same_tensor(ckpt, tuned, n))]
+    adapters = delta_adapter(factors, ckpt.architecture, ckpt.fingerprint(list(factors)), str(base), targets)
+    adapters.save(out, inputs, overwrite)
     return {"modules": len(factors), "unchanged": unchanged, "out": str(out),
             "rank": max(a.shape[0] for a, _ in factors.values()),
             "max_rel_error": max(errors.values()), "rel_errors": errors, "other_changed": other}

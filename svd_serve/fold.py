@@ -1,31 +1,26 @@
-"""``svd-serve fold``: a standalone HF checkpoint equal to base + adapter, in the base's dtype."""
+"""``svd-serve fold``: a standalone HF checkpoint equal to base + adapter, in the base's dtype.
+
+The base is never loaded: each target weight is read, ``W + B A`` computed in float32 and rounded once,
+and written; every other tensor is copied as it is (:func:`svd_serve.weights.write_folded`).
+"""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .adapter import AdapterSet
+from .weights import Weights, parse_size, return_freed_memory, write_folded
 from .io import atomic_dir, check_out
-from .model import load_base
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (dst / name).exists():
-            shutil.copy2(src / name, dst / name)
-
-
-def fold(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def fold(base: str | Path, adapter: str | Path, out: str | Path, max_shard_size: int | str | None = None,
+         overwrite: bool = False) -> Path:
+    max_shard_size = parse_size(max_shard_size)
     check_out(out, [base, adapter], overwrite)
-    model = load_base(base, dtype="auto")
-    adapters = AdapterSet.load(adapter, model)
-    adapters.fold_into(model)
+    return_freed_memory()
+    ckpt = Weights(base)
+    adapters = AdapterSet.load(adapter, ckpt)
+    layers = dict(adapters.items())
     with atomic_dir(out, [base, adapter], overwrite) as tmp:
-        model.save_pretrained(tmp)
-        copy_tokenizer_files(Path(base), tmp)
+        write_folded(ckpt, tmp, list(layers), lambda name: layers[name].delta(), max_shard_size)
     return Path(out)

@@ -12,6 +12,9 @@ honoured):
 - KaSA (``kasa_config``): PEFT truncated the base's r smallest singular components, so
   ``ΔW = s·B diag(d) A − U_t diag(σ_t) V_tᵀ`` with the dropped part re-derived from the original
   base (``linalg.minor_svd``).
+
+The base is read one target weight at a time, and only where a module's ΔW needs it (re-derived
+initial factors or dropped components); shapes come from the checkpoint's headers.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .adapter import delta_adapter
+from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .io import check_out
-from .linalg import minor_svd, top_svd
-from .merge import Factors, delta_adapter
-from .model import load_base
+from .linalg import LowRank, minor_svd, top_svd
+
 
 PREFIX = "base_model.model."
 PLAIN_INITS = (True, False, "gaussian", "eva", "mica", "orthogonal")
@@ -85,42 +90,41 @@ def scaling(cfg: dict, name: str) -> float:
     return alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
 
 
-def initial_factors(init, weight: Tensor, r: int, s: float) -> Factors:
+def initial_factors(init, weight: Tensor, r: int, s: float) -> LowRank:
     """PEFT's ``(A0, B0)`` for pissa (exact SVD) and olora, re-derived from the original weight."""
     if init == "pissa":
-        u, sig, vh = top_svd(weight, r)
-        root = (sig / s).sqrt()
-        return root[:, None] * vh, u * root
+        return LowRank.from_svd(*top_svd(weight, r), scale=s)
     q, rr = torch.linalg.qr(weight.float())
-    return rr[:r], q[:, :r]
+    return LowRank(rr[:r], q[:, :r])
 
 
-def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], weight: Tensor,
-                 initial: dict[str, Tensor] | None) -> Factors:
+def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[int, int],
+                 weight: Callable[[], Tensor], initial: dict[str, Tensor] | None) -> LowRank:
+    """Module ``name``'s exact ΔW; ``weight()`` reads its original base weight (float32) when needed."""
     a, b = parts["lora_A"], parts["lora_B"]
     r = a.shape[0]
     s = scaling(cfg, name)
-    if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(weight.shape) or b.shape[1] != r:
+    if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(shape) or b.shape[1] != r:
         raise SvdServeError(f"module {name}: lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not "
-                            f"match the base weight {list(weight.shape)}: the adapter belongs to another base")
+                            f"match the base weight {list(shape)}: the adapter belongs to another base")
     if cfg.get("kasa_config") is not None:
         if "lora_diag" not in parts:
             raise SvdServeError(f"module {name}: KaSA adapter without lora_diag")
-        us, _, vh = minor_svd(weight, r)
-        return torch.cat([a, vh]), torch.cat([b * (parts["lora_diag"] * s), -us], 1)
+        us, _, vh = minor_svd(weight(), r)
+        return LowRank(torch.cat([a, vh]), torch.cat([b * (parts["lora_diag"] * s), -us], 1))
     init = cfg.get("init_lora_weights", True)
     if init in PLAIN_INITS:
-        return a, b * s
+        return LowRank(a, b * s)
     if initial is not None:
         if initial["lora_A"].shape != a.shape or initial["lora_B"].shape != b.shape:
             raise SvdServeError(f"module {name}: the --initial adapter's shapes differ from the trained one")
         a0, b0 = initial["lora_A"], initial["lora_B"]
     elif init in ("pissa", "olora"):
-        a0, b0 = initial_factors(init, weight, r, s)
+        a0, b0 = initial_factors(init, weight(), r, s)
     else:
         raise SvdServeError(f"init_lora_weights={init!r} cannot be re-derived from the base "
                             f"(randomized or data-dependent): give --initial, the adapter PEFT saved before training")
-    return torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1)
+    return LowRank(torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1))
 
 
 def import_peft(path: str | Path, base: str | Path, out: str | Path,
@@ -136,19 +140,20 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
                             + (" (LoftQ quantizes the base: ΔW against the original base is unknown)"
                                if init == "loftq" else ""))
     init_modules = read_peft(initial)[1] if initial is not None else None
-    model = load_base(base)
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return_freed_memory()
+    ckpt = Weights(base)
+    linear = [n for n, m in ckpt.named_modules() if isinstance(m, nn.Linear)]
     factors = {}
     for name, parts in modules.items():
         if name not in linear:
             raise SvdServeError(f"module {name} of the PEFT adapter is not a Linear layer of this base")
         if init_modules is not None and name not in init_modules:
             raise SvdServeError(f"module {name} is missing from the --initial adapter")
-        weight = linear[name].weight.detach().float()
-        factors[name] = module_delta(cfg, name, parts, weight,
+        factors[name] = module_delta(cfg, name, parts, ckpt.weight_info(name).shape,
+                                     lambda name=name: ckpt.weight(name).float(),
                                      init_modules[name] if init_modules is not None else None)
     order = [n for n in linear if n in factors]
-    adapters = delta_adapter(model, {n: factors[n] for n in order}, str(base))
+    adapters = delta_adapter({n: factors[n] for n in order}, ckpt.architecture, ckpt.fingerprint(order), str(base))
     adapters.save(out, inputs, overwrite)
     kind = "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
     return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out)}

@@ -2,7 +2,8 @@
 
 Per module: the singular values of ΔW (from its exact low-rank factors, no base needed), the
 cumulative energy ``Σ_{i≤k} σ_i² / Σ σ²`` against rank k, the exported rank and its error; with
-the base, also the spectra of ``W`` and ``W + ΔW`` and their difference ``Δσ_i = σ_i(W+ΔW) − σ_i(W)``.
+the base, also the spectra of ``W`` and ``W + ΔW`` and their difference ``Δσ_i = σ_i(W+ΔW) − σ_i(W)``,
+reading the base one weight at a time.
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int |
     """Spectra of every module of ``adapter`` (``modules``: a regex searched in module names)."""
     if max_rank is not None and max_rank < 1:
         raise SvdServeError("--max-rank must be at least 1")
-    model = None
+    ckpt = None
     if base is not None:
-        from .model import load_base
+        from .weights import Weights, return_freed_memory
 
-        model = load_base(base)
-    adapters = AdapterSet.load(adapter, model)
+        return_freed_memory()
+        ckpt = Weights(base)
+    adapters = AdapterSet.load(adapter, ckpt)
     try:
         pattern = re.compile(modules) if modules else None
     except re.error as e:
@@ -78,8 +80,8 @@ def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int |
         spec = ModuleSpectrum(name=name, shape=(layer.m, layer.n), bound=layer.rank_bound(),
                               delta_sigma=d.sigma, rank=exact_rank(d.sigma), exported_rank=d.rank,
                               rel_error=d.rel_error)
-        if model is not None:
-            w = model.get_submodule(name).weight.detach().double()
+        if ckpt is not None:
+            w = ckpt.weight(name).double()
             a, b = layer.delta()
             spec.base_sigma = torch.linalg.svdvals(w).float()
             spec.adapted_sigma = torch.linalg.svdvals(w + b.double() @ a.double()).float()

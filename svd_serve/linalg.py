@@ -57,11 +57,56 @@ def gram_components(w: Tensor, which: slice) -> tuple[Tensor, Tensor, Tensor]:
     return vecs * s, s, vh
 
 
-def minor_svd(w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``r`` smallest singular triplets of ``w`` (``k = min(m, n)`` of them exist), as
-    ``(US [m,r], S [r], Vh [r,n])`` float32 by descending singular value (:func:`gram_components`)."""
+def minor_svd(w: Tensor, r: int, cov: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The rank-``r`` part ``D`` of ``w`` that matters least, as ``(US [m,r], S [r], Vh [r,n])`` float32
+    with ``D = US @ Vh`` and ``S`` the singular values of ``D``, descending.
+
+    Without ``cov``: the ``r`` smallest singular triplets of ``w`` (:func:`gram_components`), the part
+    of least Frobenius norm. With ``cov`` (an input covariance ``C = E[x xᵀ]``, see :func:`damped`):
+    the part of least output energy ``E‖D x‖² = tr(D C Dᵀ)`` (:func:`output_minor`).
+    """
+    if cov is not None:
+        return output_minor(w, r, cov)
     us, s, vh = gram_components(w, slice(0, r))
     return us.float(), s.float(), vh.float().contiguous()
+
+
+def output_minor(w: Tensor, r: int, cov: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The rank-``r`` part ``D = U Uᵀ W`` of ``W`` with the least output energy ``tr(D C Dᵀ)`` on inputs
+    of covariance ``C``, as :func:`minor_svd` returns it. ``U [m, r]`` spans the ``r`` minor left singular
+    vectors of ``W S`` for any ``S Sᵀ = C``, i.e. the eigenvectors of ``W C Wᵀ`` with the ``r`` smallest
+    eigenvalues (among the ``k = min(m, n)`` of ``W``'s column space).
+
+    Why it is optimal (Eckart–Young in the C-weighted norm ``‖X‖_C² = tr(X C Xᵀ) = ‖X S‖_F²``): for any
+    kept matrix ``K`` of rank ``≤ k − r``, ``‖(W − K) S‖_F² ≥ Σ`` of the ``r`` smallest ``σ²(W S)``,
+    because ``K S`` has rank ``≤ k − r``; ``K = (I − U Uᵀ) W`` attains it, since ``U Uᵀ W S`` is exactly
+    the minor part of the SVD of ``W S``. So the dropped part is the minor part of ``W C^{1/2}`` mapped
+    back, and the choice of square root (symmetric, Cholesky as in SVD-LLM) does not matter: nothing
+    is factorized or inverted, and a singular ``C`` needs no damping for accuracy. (CorDA's KPA uses
+    ``W C`` instead, which weights the inputs by ``C²``: the ``C^{1/2}`` form is the one whose criterion
+    is the output energy.) For ``m > n`` the ``m x m`` problem is reduced to ``n x n`` with ``W = Q R``;
+    ``W C Wᵀ = Q (R C Rᵀ) Qᵀ``. With ``C = I`` the result is :func:`minor_svd`'s plain minor part.
+    All in float64.
+    """
+    w64, c = w.detach().double(), cov.detach().double().to(w.device)
+    m, n = w64.shape
+    q, rr = (None, w64) if m <= n else torch.linalg.qr(w64)
+    g = rr @ c @ rr.T
+    _, z = torch.linalg.eigh((g + g.T) / 2)  # ascending
+    u = z[:, :r] if q is None else q @ z[:, :r]  # [m, r], orthonormal
+    p, s, vh = torch.linalg.svd(u.T @ w64, full_matrices=False)  # Uᵀ W = P S Vh  =>  D = (U P) S Vh
+    return (u @ (p * s)).float(), s.float(), vh.float().contiguous()
+
+
+def damped(cov: Tensor, damp: float) -> Tensor:
+    """``C + δ·mean(diag C)·I``: an input covariance with ``δ`` times its mean eigenvalue added (float64).
+
+    In :func:`output_minor` the damping is a prior, not a numerical fix: ``tr(D C_δ Dᵀ) = tr(D C Dᵀ) +
+    δ·mean(diag C)·‖D‖_F²``, so among directions the calibration data leaves (nearly) unexcited it picks
+    those of least weight energy (the plain minor components), and ``δ → ∞`` is the plain choice.
+    """
+    c = cov.detach().double()
+    return c + torch.eye(c.shape[0], dtype=c.dtype, device=c.device) * (c.diagonal().mean() * damp)
 
 
 class LowRank(NamedTuple):

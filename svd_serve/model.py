@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,51 @@ def check_base_dir(path: str | Path) -> Path:
 
 
 def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype)."""
+    """A causal LM from a local directory, in ``dtype`` ("auto": the checkpoint's own dtype).
+
+    A safetensors checkpoint stored in another dtype is converted tensor by tensor (each read into
+    memory of its own, converted, and kept as the parameter itself), so that loading never holds
+    the checkpoint's dtype and ``dtype`` side by side: the memory map transformers reads through
+    would keep every page of the stored weights in the process's RSS until the end of the load."""
     from transformers import AutoModelForCausalLM
 
     path = check_base_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        state = _converted_state(path, dtype)
+        if state is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            from transformers import AutoConfig, GenerationConfig
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            config = AutoConfig.from_pretrained(path)
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            model = cls.from_pretrained(None, config=config, dtype=dtype, state_dict=state)
+            del state
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] | None:
+    """The checkpoint's tensors with floating ones in ``dtype``, or None when no conversion is
+    needed (or the weights are not safetensors)."""
+    from .weights import DTYPES, Weights
+
+    if not isinstance(dtype, torch.dtype):
+        return None
+    ckpt = Weights(path)
+    stored = {DTYPES[i.dtype] for i in ckpt.tensors.values() if DTYPES[i.dtype].is_floating_point}
+    if not ckpt.is_safetensors or stored <= {dtype}:
+        return None
+    state = {}
+    for name in ckpt.tensors:
+        tensor = ckpt.read(name)
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        del tensor
+    return state
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -172,18 +209,36 @@ def detach(model: nn.Module) -> None:
             set_module(model, name, module.base)
 
 
+FINGERPRINT_SAMPLE = 16384  # values per weight
+
+
+def fingerprint_stride(numel: int) -> int:
+    return max(1, numel // FINGERPRINT_SAMPLE)
+
+
+def fingerprint_digest(samples: Iterable[tuple[str, tuple[int, ...], Tensor]]) -> str:
+    """The digest of ``(name, shape, weight.reshape(-1)[::fingerprint_stride(numel)])`` in name order,
+    each sample rounded to bfloat16 (through float32, as a float32-loaded model would be)."""
+    h = hashlib.sha256()
+    for name, shape, sample in samples:
+        h.update(f"{name}:{tuple(shape)}".encode())
+        h.update(sample.detach().float().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def fingerprint(model: nn.Module, names: list[str]) -> str:
     """A digest of the named modules' base weights: names, shapes and a strided sample of up to
     16384 values per weight, rounded to bfloat16 so that the same checkpoint loaded in float32 or
     bfloat16 gives the same digest. Any fine-tune, truncation or re-init of the base changes it,
-    and it costs milliseconds on a 7B model."""
-    h = hashlib.sha256()
+    and it costs milliseconds on a 7B model. :meth:`svd_serve.weights.Weights.fingerprint`
+    computes the same digest from the files, reading only the samples."""
     modules = dict(model.named_modules())
-    for name in sorted(names):
-        mod = modules[name]
-        w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
-        flat = w.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 16384)].to(torch.bfloat16).float().cpu()
-        h.update(f"{name}:{tuple(w.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+
+    def samples():
+        for name in sorted(names):
+            mod = modules[name]
+            w = (mod.base if isinstance(mod, AdaptedLinear) else mod).weight.detach()
+            flat = w.reshape(-1)
+            yield name, tuple(w.shape), flat[:: fingerprint_stride(flat.numel())]
+
+    return fingerprint_digest(samples())

@@ -44,6 +44,7 @@ from .checkpoint import TrainState
 from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
 from .distributed import Processes
 from .errors import SvdServeError
+from .health import DEFAULT_LIMIT, check_init, parse_limit
 from .io import MARKER
 from .methods import DEFAULT_METHOD, Options, get_method
 from .methods.base import field_kind, parse_value
@@ -86,6 +87,7 @@ class TrainConfig:
     dtype: str = "float32"  # one of DTYPES (autocast; adapter parameters stay float32)
     gradient_checkpointing: bool = False
     absorb_frozen: bool = True  # fold frozen low-rank terms into this run's private base copy (faster)
+    max_init_loss_increase: float | str | None = DEFAULT_LIMIT  # nats (health.py); 0, inf, off: never refuse
     seed: int = 0
     # records and checkpoints
     eval_every: int | None = None  # default: at every checkpoint and at the end
@@ -127,6 +129,8 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     values.update(overrides)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None  # 0 turns clipping off
+    if "max_init_loss_increase" in values:  # a number, or 0 / inf / off (YAML reads off as false)
+        values["max_init_loss_increase"] = parse_limit(values["max_init_loss_increase"])
     missing = [k for k in ("base", "data", "out") if not values.get(k)]
     if missing:
         raise SvdServeError(f"missing {', '.join('--' + k for k in missing)} (as flags or in --config)")
@@ -282,8 +286,10 @@ def check_config(cfg: TrainConfig) -> Options:
         raise SvdServeError("give --steps or --epochs, not both")
     if cfg.eval_data and cfg.eval_split:
         raise SvdServeError("give --eval-data or --eval-split, not both")
-    if method.needs_calibration and not cfg.calib_data and not cfg.resume:
-        raise SvdServeError(f"method {cfg.method} needs --calib-data")
+    opts = method_options(cfg)
+    if method.needs_calibration_for(opts) and not cfg.calib_data and not cfg.resume:
+        raise SvdServeError(f"method {cfg.method} needs --calib-data" + (
+            " with select=activation" if getattr(opts, "select", None) == "activation" else ""))
     if cfg.dtype not in DTYPES:
         raise SvdServeError(f"--dtype must be {' or '.join(DTYPES)}, not {cfg.dtype}")
     if cfg.schedule not in SCHEDULES:
@@ -298,7 +304,8 @@ def check_config(cfg: TrainConfig) -> Options:
         if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise SvdServeError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
                                 f"{low}, not {value}")
-    return method_options(cfg)
+    parse_limit(cfg.max_init_loss_increase)
+    return opts
 
 
 class Rows(NamedTuple):
@@ -373,11 +380,19 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options, rows: Rows, resume_
         saved.restore_rng(procs.device)
         state = dataclasses.replace(saved, config=state.config)
         procs.say(f"resumed from {resume_from} at step {state.step}")
+    # a fresh adapter must keep the base intact (health.py): checked before anything is written
+    health = None if resume_from is not None else check_init(
+        model, adapters, evals or examples, pad_id, functools.partial(loss_sum, model, device=procs.device,
+                                                                      autocast=autocast),
+        cfg.batch_size, cfg.max_init_loss_increase, procs.say)
     if procs.master:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).touch()
         checkpoint.truncate_metrics(out / "metrics.jsonl", state.step)
+        if health is not None:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(health.record()) + "\n")
     return Run(cfg, procs, model, tokenizer, adapters, params, optimizer, examples, evals, make_batch, autocast,
                state, resume_from)
 

@@ -122,8 +122,8 @@ def create(e: Env, method: str, rank: int = 4, **options) -> tuple[torch.nn.Modu
     """A fresh copy of the base with ``method`` attached over all-linear targets (``rank`` where the
     method has one)."""
     model = copy.deepcopy(e.model)
-    covs = e.covs if METHODS[method].needs_calibration else None
     opts = make_options(method, **{**vars(sweep_options(method, rank=rank)), **options})
+    covs = e.covs if METHODS[method].needs_calibration_for(opts) else None
     adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", covs, base_model=str(e.path),
                                  progress=False)
     return adapters.attach(model), adapters

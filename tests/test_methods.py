@@ -24,15 +24,26 @@ RANK = 4
 TOL = 1e-4  # fp32, max |Δ logits|
 
 
+def minor_piece(w: torch.Tensor, r: int, opts, cov: torch.Tensor) -> torch.Tensor:
+    """The rank-r part of ``w`` (float64) that KaSA drops and MiLoRA/SoMA train, from a full SVD: the r
+    smallest singular components, or with ``select=activation`` ``U Uᵀ W`` where U are the r minor left
+    singular vectors (among W's k) of ``W C^1/2`` for the damped covariance C (symmetric square root)."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    if opts.select == "weight":
+        return (u[:, -r:] * s[-r:]) @ vh[-r:]
+    c = cov.double() + torch.eye(cov.shape[0], dtype=torch.float64) * cov.double().diagonal().mean() * opts.damp
+    evals, evecs = torch.linalg.eigh(c)
+    u_c = torch.linalg.svd(w @ (evecs * evals.sqrt()) @ evecs.T, full_matrices=False)[0][:, -r:]
+    return u_c @ (u_c.T @ w)
+
+
 @torch.no_grad()
 def kasa_reference(e: Env, adapters: AdapterSet) -> torch.nn.Module:
-    """The base with ``W − (r smallest singular components of W) + s·B diag(d) A`` written densely."""
+    """The base with ``W − (its dropped rank-r part) + s·B diag(d) A`` written densely."""
     ref = copy.deepcopy(e.model)
     for name, layer in adapters.items():
         w = ref.get_submodule(name).weight
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        r = layer.opts.rank
-        dropped = (u[:, -r:] * s[-r:]) @ vh[-r:]
+        dropped = minor_piece(w.double(), layer.opts.rank, layer.opts, e.covs[name])
         update = (layer.B.double() * (layer.d.double() * layer.scale)) @ layer.A.double()
         w.copy_((w.double() - dropped + update).float())
     return ref
@@ -46,7 +57,9 @@ def test_init_fold_and_peft_export(method, arch, env, tmp_path):
 
 @pytest.mark.parametrize("method, options", [
     ("kore", {"freeze_a": True}), ("pissa", {"niter": 4}), ("sorsa", {"niter": 4}), ("svfit", {"niter": 2}),
-    ("salt", {"ratio": 0.25}), ("kasa", {"alpha": 3.0}), ("corda-kpa", {"damp": 0.5})])
+    ("salt", {"ratio": 0.25}), ("kasa", {"alpha": 3.0}), ("corda-kpa", {"damp": 0.5}),
+    ("kasa", {"select": "activation"}), ("milora", {"select": "activation"}),
+    ("soma", {"select": "activation", "damp": 0.0})])
 def test_option_variants(method, options, env, tmp_path):
     check_init_fold_and_export(env("phi3"), method, tmp_path, **options)
 
@@ -116,14 +129,14 @@ def test_max_rank_reports_its_error(method, env, tmp_path):
     assert max(errors.values()) > 1e-3  # rank k really truncates here
 
 
-def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor, opts) -> torch.Tensor:
     """What the method's paper takes out of (or keeps of) ``W`` at init, densely in float64."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = RANK
     if method in ("pissa", "sorsa", "svfit"):
         return (u[:, :r] * s[:r]) @ vh[:r]
     if method in ("milora", "soma"):
-        return (u[:, -r:] * s[-r:]) @ vh[-r:]
+        return minor_piece(w, r, opts, cov)
     if method in ("svf", "salt"):
         return w
     if method == "kore":
@@ -132,10 +145,12 @@ def expected_piece(method: str, w: torch.Tensor, cov: torch.Tensor) -> torch.Ten
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"])
-def test_initial_component_is_the_documented_one(method, env):
+@pytest.mark.parametrize("method, options", [
+    *[(m, {}) for m in ["pissa", "milora", "soma", "sorsa", "svfit", "svf", "salt", "kore"]],
+    ("milora", {"select": "activation"}), ("soma", {"select": "activation", "damp": 0.0})])
+def test_initial_component_is_the_documented_one(method, options, env):
     e = env("phi3")
-    _, adapters = create(e, method, RANK)
+    _, adapters = create(e, method, RANK, **options)
     for name, layer in adapters.items():
         w = e.model.get_submodule(name).weight.detach().double()
         if method in ("svfit", "svf"):
@@ -145,5 +160,5 @@ def test_initial_component_is_the_documented_one(method, env):
         else:
             a, b = layer.frozen_factors()
             piece = -(b.double() @ a.double())
-        expected = expected_piece(method, w, e.covs[name].double())
+        expected = expected_piece(method, w, e.covs[name].double(), layer.opts)
         assert (piece - expected).abs().max() <= 1e-5 * float(torch.linalg.matrix_norm(w, 2)), name

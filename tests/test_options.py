@@ -26,7 +26,7 @@ def test_every_option_is_typed_documented_and_listed(method, run_cli):
     assert ("needs --calib-data" in out) == METHODS[method].needs_calibration
     for name, field in options.fields().items():
         kind, optional = options.kind(name)
-        assert kind in (bool, int, float) and field.metadata["doc"]
+        assert kind in (bool, int, float, str) and field.metadata["doc"]
         shown = "none" if field.default is None else str(field.default).lower()
         if name == "alpha" and field.default is None:
             shown = f"{METHODS[method].alpha_per_rank:g}·rank"
@@ -75,6 +75,8 @@ def test_regularizer_weights_come_from_the_schema():
     ("kore", {"freeze_a": "maybe"}, "option freeze_a is true or false, not 'maybe'"),
     ("kore", {"freeze_a": 1}, "option freeze_a must be true or false"),
     ("corda-kpa", {"damp": 0.0}, "option damp must be > 0"),
+    ("kasa", {"select": "activations"}, "option select must be one of weight, activation, not 'activations'"),
+    ("milora", {"damp": -1.0}, "option damp must be >= 0"),
 ])
 def test_bad_options_are_refused(method, values, message):
     with pytest.raises(SvdServeError) as e:

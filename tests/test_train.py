@@ -106,7 +106,7 @@ def test_packed_rows_give_the_padded_loss(tiny_model, arch):
 
 def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
     out = run_train(cfg(tiny_model, qa_data, tmp_path / "bf16", steps=2, dtype="bfloat16", method="lora"))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after the init check
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert all(t.dtype == torch.float32 for t in adapter_tensors(out).values())
 
@@ -149,7 +149,7 @@ def test_resume_after_sigkill_is_exact(tiny_model, qa_data, tmp_path, run_cli):
     assert "resumed from" in output and "step-2" in output
     assert max_diff(tmp_path / "ref", out) <= 1e-5
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # records of the dead run past its checkpoint were dropped
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # the init check, then records of the dead run past its checkpoint were dropped
     assert (out / "loss.png").stat().st_size > 0
     assert json.loads((ckpts / "best.json").read_text())["step"] in (2, 4)
 
@@ -209,7 +209,7 @@ def test_config_file_equals_flags(tiny_model, qa_data, tmp_path, run_cli):
     assert max_diff(tmp_path / "flags", tmp_path / "file") == 0
     saved = json.loads((tmp_path / "file" / "svd_adapter.json").read_text())
     assert saved["options"]["beta"] == 0.5  # --reg maps onto the method's option field
-    records = [json.loads(line) for line in (tmp_path / "file" / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (tmp_path / "file" / "metrics.jsonl").open()][1:]  # after the init check
     assert len(records) == 2 and all(r["reg"] > 0 for r in records)
 
 

@@ -27,8 +27,9 @@ def test_two_processes_equal_one(tiny_model, text_data, tmp_path, run_cli):
     # only rank 0 writes: one record per step, and the same losses as the single process
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
-    assert [r["step"] for r in two] == [1, 2, 3, 4]
-    for a, b in zip(one, two):
+    assert [r["step"] for r in two] == [0, 1, 2, 3, 4]  # the init check, then one record per step
+    assert abs(one[0]["init_check"]["increase"] - two[0]["init_check"]["increase"]) <= 1e-5
+    for a, b in zip(one[1:], two[1:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["tokens"] == b["tokens"]
         assert ("eval_loss" in a) == ("eval_loss" in b)
         if "eval_loss" in a:

@@ -34,10 +34,12 @@ _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.
 
 
 def opt(default: Any, doc: str, *, reg: bool = False, ge: float | None = None, gt: float | None = None,
-        lt: float | None = None) -> Any:
+        lt: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """One option of a method: its default, what it does, and its valid values (``ge`` ≤ value,
-    ``gt`` < value, value < ``lt``). ``reg=True`` marks a regularizer weight (``--reg`` takes only these)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "reg": reg, "ge": ge, "gt": gt, "lt": lt})
+    ``gt`` < value, value < ``lt``; a string option: one of ``choices``). ``reg=True`` marks a
+    regularizer weight (``--reg`` takes only these)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "reg": reg, "ge": ge, "gt": gt, "lt": lt,
+                                                        "choices": choices})
 
 
 def rank_opt(default: int = 8) -> Any:
@@ -74,6 +76,9 @@ class Options:
                 raise SvdServeError(f"option {name} must be {_a(kind)}, not {value!r}")
             if kind is float and not math.isfinite(value):
                 raise SvdServeError(f"option {name} must be finite, not {value}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise SvdServeError(f"option {name} must be one of {', '.join(choices)}, not {value!r}")
             for key, (holds, sign) in _BOUNDS.items():
                 bound = f.metadata.get(key)
                 if bound is not None and not holds(value, bound):
@@ -85,10 +90,10 @@ class Options:
 
     @classmethod
     def kind(cls, name: str) -> tuple[type, bool]:
-        """``(bool | int | float, whether None is allowed)`` of field ``name``, from its annotation."""
+        """``(bool | int | float | str, whether None is allowed)`` of field ``name``, from its annotation."""
         kind, optional = field_kind(cls, name)
         if kind is None:
-            raise TypeError(f"{cls.__name__}.{name}: an option is a bool, int or float (or None)")
+            raise TypeError(f"{cls.__name__}.{name}: an option is a bool, int, float or str (or None)")
         return kind, optional
 
     @classmethod
@@ -116,18 +121,19 @@ class Options:
 
 
 def field_kind(cls: type, name: str) -> tuple[type | None, bool]:
-    """``(bool | int | float, or None for any other type; whether None is allowed)`` of a dataclass
-    field, from its annotation."""
+    """``(bool | int | float | str, or None for any other type; whether None is allowed)`` of a
+    dataclass field, from its annotation."""
     hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     kinds = [a for a in args if a is not type(None)]
-    kind = kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float) else None
+    kind = kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else None
     return kind, len(kinds) < len(args)
 
 
 def parse_value(kind: type, optional: bool, name: str, raw: Any) -> Any:
-    """``raw`` as a ``kind`` if it is a string (``none`` → None where allowed); other values pass through."""
-    if not isinstance(raw, str):
+    """``raw`` as a ``kind`` if it is a string (``none`` → None where allowed); other values, and
+    strings for a ``str`` field, pass through."""
+    if not isinstance(raw, str) or kind is str:
         return raw
     text = raw.strip().lower()
     if optional and text == "none":
@@ -143,7 +149,7 @@ def parse_value(kind: type, optional: bool, name: str, raw: Any) -> Any:
 
 
 def _a(kind: type) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number"}[kind]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
 
 
 @dataclass
@@ -218,6 +224,11 @@ class Adapter(nn.Module):
         (so checkpoints and resume carry it), and it must not change :meth:`frozen_factors` (the run
         may have added them to its copy of the base weights)."""
 
+    @classmethod
+    def needs_calibration_for(cls, opts) -> bool:
+        """Whether :meth:`init` needs the calibration covariance with these options."""
+        return cls.needs_calibration
+
     # --- shared ----------------------------------------------------------------------------------
     @property
     def scale(self) -> float:
@@ -254,7 +265,8 @@ class Adapter(nn.Module):
             if name == "alpha" and default is None:
                 default = f"{cls.alpha_per_rank:g}·rank"
             doc = ("Regularizer weight (also --reg). " if f.metadata.get("reg") else "") + f.metadata["doc"]
-            rows.append((f"-o {name}={_show(default)}", kind.__name__ + ("|none" if optional else ""), doc))
+            shape = "|".join(f.metadata["choices"]) if f.metadata.get("choices") else kind.__name__
+            rows.append((f"-o {name}={_show(default)}", shape + ("|none" if optional else ""), doc))
         if not rows:
             return "\n".join(head + ["    no options"])
         w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))

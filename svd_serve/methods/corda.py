@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SvdServeError
-from ..linalg import LowRank
+from ..linalg import LowRank, damped
 from .base import LoRAOptions, opt
 from .residual import Residual
 
@@ -20,7 +20,7 @@ def damped_inverse(cov: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.
     cov = cov.float()
     eye = torch.eye(cov.shape[0], dtype=cov.dtype)
     while True:
-        fixed = cov + eye * cov.diagonal().mean() * damp
+        fixed = damped(cov, damp).float()
         inv = torch.linalg.inv(fixed)
         if torch.dist(fixed @ inv, eye) < 0.05:
             return fixed, inv

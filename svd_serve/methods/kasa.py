@@ -5,18 +5,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..linalg import LowRank, minor_svd
-from .base import Adapter, LoRAOptions, kaiming_, opt, orthogonality
+from ..linalg import LowRank
+from .base import Adapter, kaiming_, opt, orthogonality
+from .minor import MinorOptions, MinorSelection
 
 
 @dataclass
-class KaSAOptions(LoRAOptions):
+class KaSAOptions(MinorOptions):
     beta: float = opt(1e-4, "Weight of the singular-value penalty Σ d².", reg=True, ge=0)
     gamma: float = opt(1e-3, "Weight of the orthogonality penalty ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (r×r Grams, as HF PEFT).",
                        reg=True, ge=0)
 
 
-class KaSA(Adapter):
+class KaSA(MinorSelection, Adapter):
     """Knowledge-aware singular-value adaptation.
 
     The base loses its r smallest singular components ``U_t σ_t V_tᵀ`` (kept here as frozen factors),
@@ -26,7 +27,9 @@ class KaSA(Adapter):
 
     The minor components come from ``eigh`` of the k×k Gram matrix in float64, not a full SVD.
     Truncation uses ``k = min(m, n)`` (the official code's ``in_features − r`` drops nothing when
-    out < in). The regularizer is averaged over layers, as in the official trainer.
+    out < in). The regularizer is averaged over layers, as in the official trainer. With
+    ``-o select=activation`` the dropped part is the rank-r part of least output energy on the
+    calibration inputs instead (``methods/minor.py``); ΔW stays exact and of rank ≤ 2r.
     """
 
     name = "kasa"
@@ -43,7 +46,7 @@ class KaSA(Adapter):
 
     @torch.no_grad()
     def init(self, weight, cov=None) -> None:
-        us, _, vh = minor_svd(weight, self.opts.rank)
+        us, _, vh = self.minor(weight, cov)
         self.dropped_us.copy_(us)
         self.dropped_vh.copy_(vh)
         kaiming_(self.A)

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LoRAOptions, alpha_opt, rank_opt
-from .milora import MiLoRA
+from .base import alpha_opt, rank_opt
+from .milora import MiLoRA, MiLoRAOptions
 
 
 @dataclass
-class SoMAOptions(LoRAOptions):
+class SoMAOptions(MiLoRAOptions):
     rank: int = rank_opt(16)
     alpha: float | None = alpha_opt(16.0)
 
