@@ -121,9 +121,11 @@ def train_run(base: Path, method: str, options: tuple[str, ...], targets: str, r
         train(TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank, targets=targets,
                           options=parse_option_values(method, list(options)),
                           calib_data=str(calib) if calib is not None else None, max_length=MAX_LENGTH,
-                          steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, progress=False))
+                          steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, progress=False,
+                          max_init_loss_increase="off"))  # init damage is measured here, not refused
         trainable = sum(p.numel() for p in AdapterSet.load(out).parameters())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for line in (out / "metrics.jsonl").read_text().splitlines()
+               if line.strip() and (r := json.loads(line))["step"] > 0]  # (step 0: the init check's record)
     n_rows = len(read_jsonl(data))
     return Trained(out, records[0]["loss"], global_batch(0, n_rows, batch_size, seed), records[-1]["loss"],
                    trainable, time.perf_counter() - t0)
