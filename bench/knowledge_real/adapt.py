@@ -9,6 +9,7 @@ clipping, so that it differs from the adapter runs in what is trained and nothin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -45,12 +46,17 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def rank_of(method: str, rank: int) -> int | None:
+    """``rank`` for a method with a rank option; None for a full-rank one (osft), which has none."""
+    return rank if "rank" in {f.name for f in dataclasses.fields(get_method(method).Options)} else None
+
+
 def unavailable(method: str, options: tuple[str, ...], rank: int) -> str | None:
     """Why the library cannot train ``method`` with ``options`` (None: it can)."""
     if method == FULL:
         return None
     try:
-        make_options(method, rank, **parse_option_values(method, list(options)))
+        make_options(method, rank_of(method, rank), **parse_option_values(method, list(options)))
     except SvdServeError as e:
         return str(e)
     return None
@@ -68,7 +74,7 @@ def same_adapter(a: tuple[str, tuple[str, ...]], b: tuple[str, tuple[str, ...]],
     cov = (inputs.T @ inputs / 64).double()
 
     def build(method, options):
-        layer = get_method(method)(24, 40, make_options(method, rank, **parse_option_values(method, list(options))))
+        layer = get_method(method)(24, 40, make_options(method, rank_of(method, rank), **parse_option_values(method, list(options))))
         with torch.random.fork_rng():
             torch.manual_seed(0)
             layer.init(weight, cov)
@@ -118,7 +124,7 @@ def train_run(base: Path, method: str, options: tuple[str, ...], targets: str, r
     if method == FULL:
         trainable = full_finetune(base, data, out, steps, batch_size, lr, warmup, seed)
     else:
-        train(TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank, targets=targets,
+        train(TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank_of(method, rank), targets=targets,
                           options=parse_option_values(method, list(options)),
                           calib_data=str(calib) if calib is not None else None, max_length=MAX_LENGTH,
                           steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, progress=False,

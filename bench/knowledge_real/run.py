@@ -66,6 +66,10 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("corda-kpa", "corda-kpa"),
     Entry("kore", "kore"),
     Entry("soma", "soma"),
+    Entry("codyra", "codyra"),
+    Entry("sst", "sst"),
+    Entry("osft", "osft"),
+    Entry("diffora", "diffora"),
 )
 
 
