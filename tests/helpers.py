@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,17 @@ def max_diff(a, b) -> float:
     ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert ta.keys() == tb.keys()
     return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+def train_two_processes(args: list, out: Path) -> None:
+    """``svd-serve`` with ``args`` (a ``train`` command without ``--out``/``--batch-size``) under torchrun:
+    2 CPU processes of batch 2, written to ``out``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "svd_serve", *map(str, args), "--batch-size", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @torch.no_grad()

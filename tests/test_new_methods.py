@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import TOLERANCE, adapter_tensors, create, folded, gap, logits, max_diff, perturb
+from helpers import TOLERANCE, adapter_tensors, create, folded, gap, logits, max_diff, perturb, train_two_processes
 from safetensors.torch import load_file
 
 from svd_serve.adapter import AdapterSet, make_options
@@ -265,20 +265,11 @@ def test_sst_trains_and_resumes_exactly(tiny_model, qa_data, tmp_path):
 
 def test_sst_two_processes_equal_one(tiny_model, text_data, tmp_path, run_cli):
     """Every rank draws the same sample and re-factorises the same way (2 processes × batch 2 = batch 4)."""
-    import os
-    import subprocess
-    import sys
-
     args = ["train", "--base", tiny_model("llama"), "--data", text_data, "--method", "sst", "--steps", 3,
             "--lr", 1e-2, "-o", "refactor_every=2", "--no-progress"]
     code, output = run_cli(*args, "--batch-size", 4, "--out", tmp_path / "one")
     assert code == 0, output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "svd_serve", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_two_processes(args, tmp_path / "two")
     assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-4
 
 

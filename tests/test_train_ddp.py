@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from helpers import max_diff
+from helpers import max_diff, train_two_processes
 
 
 def test_two_processes_equal_one(tiny_model, text_data, tmp_path, run_cli):
@@ -16,12 +13,7 @@ def test_two_processes_equal_one(tiny_model, text_data, tmp_path, run_cli):
     code, output = run_cli(*args, "--batch-size", 4, "--out", tmp_path / "one")
     assert code == 0, output
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "svd_serve", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_two_processes(args, tmp_path / "two")
 
     assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-4
     # only rank 0 writes: one record per step, and the same losses as the single process
