@@ -8,7 +8,9 @@ The same rows in the same order, batch, steps, optimizer (fused AdamW, constant 
 1.0), targets, rank and initial adapter (svd-serve's init is copied into PEFT's ``lora_A``/``lora_B``/
 ``lora_diag``) on both sides, and the same dtype: the base loaded in it, adapters float32 and autocast
 around the forward for bfloat16 (PEFT keeps its adapters float32 on a bfloat16 base; the Trainer runs
-with ``bf16=True``, and the run checks that its loss is computed under bfloat16 autocast). PEFT +
+with ``bf16=True``, and the run checks that its loss is computed under bfloat16 autocast: where the
+Trainer does not enter it itself, as transformers 5.19 does not on the CPU, its ``compute_loss`` runs
+inside ``torch.autocast("cpu", bfloat16)``, and the run says so). PEFT +
 Trainer runs twice: padded batches, and padding-free with transformers' ``DataCollatorWithFlattening``
 (each batch one row, position ids restarting per example; the run checks that the Trainer feeds it so).
 For KaSA the Trainer's loss gets PEFT's KaSA regularizer averaged over layers, as svd-serve adds it;
@@ -157,11 +159,15 @@ def run_peft(spec: dict, flat: bool) -> dict:
             return SequentialSampler(self.train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            own = bf16 and not torch.is_autocast_enabled("cpu")  # the Trainer's bf16=True skips it on the CPU
             if not seen:  # what the Trainer really feeds the model, and under which autocast
                 seen.update(rows=inputs["input_ids"].shape[0], positions="position_ids" in inputs,
-                            mask="attention_mask" in inputs, autocast=torch.is_autocast_enabled("cpu"),
-                            autocast_dtype=str(torch.get_autocast_dtype("cpu")))
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                            mask="attention_mask" in inputs, trainer_autocast=torch.is_autocast_enabled("cpu"))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=own):
+                if len(seen) == 4:
+                    seen.update(autocast=torch.is_autocast_enabled("cpu"),
+                                autocast_dtype=str(torch.get_autocast_dtype("cpu")))
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if kasa_layers:  # PEFT sums the regularizer over layers; svd-serve averages it
                 loss = loss + model.base_model._get_kasa_loss() / len(kasa_layers)
             losses.append(loss.detach())
@@ -365,6 +371,9 @@ def main() -> None:
                 if fed:
                     print(f"{'':8s} (flattened: the Trainer fed {fed['rows']} row per batch with position ids, "
                           f"no attention mask; autocast {fed['autocast']})")
+                if dtype != "float32" and not runs[best_peft]["fed"]["trainer_autocast"]:
+                    print(f"{'':8s} (the Trainer's bf16=True did not autocast on the CPU; the bench wrapped its "
+                          f"compute_loss in torch.autocast)")
                 results[(dtype, method)] = (sums, best_peft, runs)
             print()
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -198,6 +199,21 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_flat(batch: list[Example], pad_id: int | None = None) -> dict:
+    """One row of every example back to back, no padding: positions restart at 0 for each, and the
+    boundaries go along as transformers' padding-free keywords (``cu_seq_lens_q/k``,
+    ``max_length_q/k``), which the attention of :func:`svd_serve.model.sdpa_attention` reads to keep
+    every example attending to itself only. Every layer but the attention runs on the real tokens
+    only. An example's first token is no target (it would be predicted from the one before it).
+    ``pad_id`` is unused (the signature of :func:`collate`)."""
+    lens = [len(e.input_ids) for e in batch]
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    return {"input_ids": torch.tensor([[t for e in batch for t in e.input_ids]]),
+            "position_ids": torch.tensor([[p for n in lens for p in range(n)]]),
+            "labels": torch.tensor([[t for e in batch for t in [IGNORE] + e.labels[1:]]]),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens)}
 
 
 def collate_packed(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -137,13 +137,16 @@ def atomic_dir(out: str | Path, inputs: Iterable[str | Path | None] = (), overwr
 
 def nonfinite(tensors: Iterable) -> tuple[str, int] | None:
     """The first ``(name, count of NaN/infinite values)`` among ``(name, tensor)`` pairs, or None when
-    every value is finite. One float64 sum per tensor (no copy): NaN and ±inf survive a sum, and
-    finite float32 values cannot overflow float64."""
+    every value is finite. One sum per tensor in its own dtype (no copy; reduced-precision sums
+    accumulate in float32): NaN and ±inf survive a sum; a finite tensor whose sum overflows is told
+    apart by counting."""
     import torch
 
     for name, t in tensors:
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float64)):
-            return name, int((~torch.isfinite(t)).sum())
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum()):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad
     return None
 
 

@@ -356,6 +356,18 @@ def compress(a: Tensor, b: Tensor, max_rank: int | None = None, rtol: float = 1e
 
 
 @torch.no_grad()
-def add_low_rank_(weight: Tensor, a: Tensor, b: Tensor) -> None:
-    """``W ← W + B A`` in place, computed in float32 and stored in the weight's dtype."""
-    weight.copy_((weight.float() + b.to(weight.device).float() @ a.to(weight.device).float()).to(weight.dtype))
+def add_low_rank_(weight: Tensor, a: Tensor, b: Tensor, scratch: Tensor | None = None) -> None:
+    """``W ← W + B A`` in place, computed in float32 (float64 for a float64 weight) and stored in the
+    weight's dtype, rounded once. ``scratch``: a float32 buffer of at least ``weight.numel()`` values
+    on the weight's device to compute in (a caller folding module after module saves allocating and
+    faulting in a fresh float32 copy of each weight)."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    a, b = a.to(weight.device, compute), b.to(weight.device, compute)
+    if weight.dtype == compute:
+        weight.addmm_(b, a)
+        return
+    if scratch is not None and scratch.dtype == compute and scratch.numel() >= weight.numel():
+        w = scratch.reshape(-1)[:weight.numel()].view(weight.shape).copy_(weight)
+    else:
+        w = weight.to(compute)
+    weight.copy_(w.addmm_(b, a))

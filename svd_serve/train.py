@@ -53,14 +53,14 @@ from . import checkpoint
 from .adapter import AdapterSet, make_options, parse_option_values
 from .calib import calibrate
 from .checkpoint import TrainState
-from .data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split, where
+from .data import IGNORE, Example, collate, collate_flat, collate_packed, encode, pack, read_jsonl, split, where
 from .distributed import Processes, check_device
 from .errors import SvdServeError
 from .health import DEFAULT_LIMIT, check_init, parse_limit
 from .io import MARKER, check_writable
 from .methods import DEFAULT_METHOD, Adapter, Options, get_method
 from .methods.base import field_kind, parse_value
-from .model import absorb_frozen, check_base_dir, float32_attention, load_base, load_tokenizer, resolve_targets
+from .model import VARLEN_KEYS, absorb_frozen, check_base_dir, load_base, load_tokenizer, resolve_targets, sdpa_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
 SCHEDULES = ("cosine", "linear", "constant")
@@ -279,6 +279,7 @@ def _logits(model, batch, device, autocast, at: torch.Tensor | None = None) -> t
     (a final soft-cap, a logit scale) applies unchanged. A model without ``get_output_embeddings``
     computes every position's logits and the positions are picked from them."""
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in VARLEN_KEYS})
     head = model.get_output_embeddings() if at is not None and hasattr(model, "get_output_embeddings") else None
     hook = head.register_forward_pre_hook(lambda _, args: (args[0][at], *args[1:])) if head is not None else None
     try:
@@ -291,26 +292,39 @@ def _logits(model, batch, device, autocast, at: torch.Tensor | None = None) -> t
 
 
 @torch.no_grad()
-def packing_is_exact(model, examples, pad_id, device="cpu", autocast=nullcontext) -> bool:
-    """Whether this model keeps the examples of a :func:`collate_packed` row apart (transformers finds
-    them from the restarting position ids): a long example's second half, packed after its first
+def batching(model, examples, pad_id, device="cpu", autocast=nullcontext) -> Callable[[list[Example]], dict]:
+    """The cheapest collate function that gives this model the padded batch's loss: padding-free rows
+    (:func:`collate_flat`, where the model's attention reads their boundaries), else several examples
+    per row (:func:`collate_packed`, where it keeps them apart by their restarting position ids), else
+    :func:`collate`. Each is checked on the data: a long example's second half, laid after its first
     half, must get the logits it gets alone."""
     ids = max((e.input_ids for e in examples[:64]), key=len)
     h = len(ids) // 2
+    collate_padded = functools.partial(collate, pad_id=pad_id)
     if h < 2:
-        return False
+        return collate_padded
     rows = [Example(ids, ids), Example(ids[:h], ids[:h]), Example(ids[h:2 * h], ids[h:2 * h])]
     was_training = model.training
     model.eval()
+    tol = 1e-4 if autocast is nullcontext else 2e-2
     try:
-        packed = _logits(model, collate_packed(rows, pad_id), device, autocast)[1, h:2 * h].float()
         alone = _logits(model, collate(rows, pad_id), device, autocast)[2, :h].float()
-    except (TypeError, ValueError, RuntimeError):  # e.g. a model without position_ids
-        return False
+        for make, where in ((collate_flat, lambda x: x[0, len(ids) + h:len(ids) + 2 * h]),
+                            (collate_packed, lambda x: x[1, h:2 * h])):
+            try:
+                got = where(_logits(model, make(rows, pad_id), device, autocast)).float()
+            except (TypeError, ValueError, RuntimeError):  # e.g. a model without position_ids
+                continue
+            if (got - alone).abs().max() <= tol * alone.abs().max():
+                return functools.partial(make, pad_id=pad_id)
     finally:
         model.train(was_training)
-    tol = 1e-4 if autocast is nullcontext else 2e-2
-    return bool((packed - alone).abs().max() <= tol * alone.abs().max())
+    return collate_padded
+
+
+def packing_is_exact(model, examples, pad_id, device="cpu", autocast=nullcontext) -> bool:
+    """Whether :func:`batching` chooses rows of several examples (padding-free or packed) for this model."""
+    return batching(model, examples, pad_id, device, autocast).func is not collate
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -496,13 +510,12 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
     if cfg.absorb_frozen:
         absorb_frozen(model)
     model.to(procs.device)
-    if dtype == torch.bfloat16 and procs.device.type == "cpu":
-        float32_attention(model)  # bfloat16 attention backward is the slower one on CPUs
+    # padding-free rows; bfloat16 attention backward is the slower one on CPUs
+    sdpa_attention(model, float32=dtype == torch.bfloat16 and procs.device.type == "cpu")
     model.config.use_cache = False
     autocast = functools.partial(torch.autocast, procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    packed = packing_is_exact(model, parts[0].examples, pad_id, procs.device, autocast)  # fewer rows, same loss
-    make_batch = functools.partial(collate_packed if packed else collate, pad_id=pad_id)
+    make_batch = batching(model, parts[0].examples, pad_id, procs.device, autocast)  # no padding, same loss
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     procs.broadcast_(adapters.state_dict().values())  # every rank starts from rank 0's adapter

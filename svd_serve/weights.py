@@ -519,6 +519,7 @@ def write_folded(ckpt: Weights, out: Path, modules: list[str], delta: Callable[[
                                for f, names in plan.items()}, ckpt.metadata)
     bar = tqdm(total=len(ckpt.tensors), desc="writing", unit="tensor", disable=None if progress else True,
                leave=False)
+    scratch = torch.empty(max((ckpt.tensors[k].numel for k in keys), default=0))  # float32, reused per module
     try:
         for name in ckpt.tensors:
             if name not in keys:
@@ -530,7 +531,7 @@ def write_folded(ckpt: Weights, out: Path, modules: list[str], delta: Callable[[
             if isinstance(d, Tensor):  # no product with an identity factor for a dense ΔW
                 weight = (weight.float() + d.float()).to(weight.dtype)
             else:
-                add_low_rank_(weight, *d)
+                add_low_rank_(weight, *d, scratch=scratch)
             check_finite([(key, weight)], f"refusing to write the folded checkpoint (W + ΔW in the base's {weight.dtype})")
             writer.write(key, weight)
             del weight

@@ -73,35 +73,56 @@ def test_absorbed_frozen_terms_train_the_same_adapter(tiny_model, qa_data, tmp_p
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3"])
-def test_packed_rows_give_the_padded_loss(tiny_model, arch):
-    """Several examples per row, positions restarting at 0: the model keeps them apart, so the loss
-    (sum and target count) is the padded batch's, from fewer rows; a model that mixed them is caught."""
+def test_packed_and_padding_free_rows_give_the_padded_loss_and_gradients(tiny_model, arch):
+    """Several examples per row (positions restarting at 0), or all of them in one row without padding
+    (their boundaries read by the attention): the model keeps them apart, so the loss (sum and target
+    count) and every adapter gradient are the padded batch's, from fewer rows or fewer tokens; a model
+    that mixed them is caught and gets padded batches."""
     from transformers import AutoTokenizer
 
-    from svd_serve.data import collate, collate_packed, encode
-    from svd_serve.model import load_base
+    from svd_serve.adapter import AdapterSet, make_options
+    from svd_serve.data import collate, collate_flat, collate_packed, encode
+    from svd_serve.model import load_base, resolve_targets, sdpa_attention
     from svd_serve.tiny import CORPUS
-    from svd_serve.train import loss_sum, packing_is_exact
+    from svd_serve.train import batching, loss_sum
 
     model, tok = load_base(tiny_model(arch)), AutoTokenizer.from_pretrained(tiny_model(arch))
     examples = [encode({"text": t}, tok, 128) for t in [" ".join(CORPUS[:4]), *CORPUS[4:10]]]
-    packed, padded = collate_packed(examples, tok.pad_token_id), collate(examples, tok.pad_token_id)
+    packed, padded, flat = (f(examples, tok.pad_token_id) for f in (collate_packed, collate, collate_flat))
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    assert flat["input_ids"].numel() == sum(len(e.input_ids) for e in examples) < padded["input_ids"].numel()
+    assert batching(model, examples, tok.pad_token_id).func is collate_flat  # transformers' packed masks
+    assert sdpa_attention(model)  # the attention that reads the boundaries (no block mask)
+    assert batching(model, examples, tok.pad_token_id).func is collate_flat
+    adapters = AdapterSet.create(model, "lora", make_options("lora", rank=4), resolve_targets(model, "all-linear"),
+                                 progress=False)
     with torch.no_grad():
-        (ce_packed, n_packed), (ce_padded, n_padded) = (loss_sum(model, b) for b in (packed, padded))
-    assert n_packed == n_padded and abs(ce_packed - ce_padded) <= 1e-5 * ce_padded
-    assert packing_is_exact(model, examples, tok.pad_token_id)
+        for q in adapters.parameters():
+            q.normal_(0, 0.1)
+    model.requires_grad_(False)
+    adapters.attach(model)
+    results = []
+    for batch in (padded, packed, flat):
+        ce, n = loss_sum(model, batch)
+        ce.backward()
+        results.append((ce.detach(), n, {k: q.grad.clone() for k, q in adapters.named_parameters()}))
+        adapters.zero_grad(set_to_none=True)
+    (ce_pad, n_pad, g_pad) = results[0]
+    for ce, n, g in results[1:]:
+        assert n == n_pad and abs(ce - ce_pad) <= 1e-5 * ce_pad
+        for k in g_pad:
+            assert (g[k] - g_pad[k]).abs().max() <= 1e-4 * g_pad[k].abs().max(), k
 
     class IgnoresPositions(torch.nn.Module):  # one causal sequence per row: the examples would mix
         def __init__(self):
             super().__init__()
             self.inner = model
 
-        def forward(self, position_ids=None, **kwargs):
+        def forward(self, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
             return self.inner(**kwargs)
 
-    assert not packing_is_exact(IgnoresPositions(), examples, tok.pad_token_id)
+    assert batching(IgnoresPositions(), examples, tok.pad_token_id).func is collate
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "gemma", "phi3", "gemma2-softcap"])
@@ -114,8 +135,8 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
     import transformers
 
     from svd_serve.adapter import AdapterSet, make_options
-    from svd_serve.data import IGNORE, Example, collate, collate_packed
-    from svd_serve.model import load_base, resolve_targets
+    from svd_serve.data import IGNORE, Example, collate, collate_flat, collate_packed
+    from svd_serve.model import load_base, resolve_targets, sdpa_attention
     from svd_serve.tiny import build_tiny_model
     from svd_serve.train import _logits, loss_sum
 
@@ -142,7 +163,8 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
         ids = torch.randint(3, 300, (n,), generator=g).tolist()
         keep = torch.rand(n, generator=g) < 0.4
         examples.append(Example(ids, [t if k else IGNORE for t, k in zip(ids, keep.tolist())]))
-    for batch in (collate(examples, 0), collate_packed(examples, 0)):
+    sdpa_attention(model)
+    for batch in (collate(examples, 0), collate_packed(examples, 0), collate_flat(examples, 0)):
         labels = batch["labels"][:, 1:]
         targets = labels != IGNORE
         assert 0 < targets.sum() < targets.numel() // 2  # most positions carry no loss
@@ -167,6 +189,8 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
 def test_float32_attention_in_bfloat16_runs(tiny_model):
     """CPU bfloat16 training computes attention in float32 (the registry entry takes float32 inputs
     under autocast) and the logits stay within bfloat16's tolerance of the float32 model's."""
+    import functools
+
     import svd_serve.model as sm
     from svd_serve.model import FLOAT32_SDPA, float32_attention, load_base
 
@@ -174,7 +198,7 @@ def test_float32_attention_in_bfloat16_runs(tiny_model):
     reference = load_base(tiny_model("llama"))(input_ids=ids).logits.detach()
     model = load_base(tiny_model("llama"), torch.bfloat16)
     seen = []
-    inner = sm._sdpa_float32
+    inner = functools.partial(sm._sdpa, float32=True)
 
     def spy(module, query, key, value, mask, **kwargs):
         seen.append(query.dtype)
