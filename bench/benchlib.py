@@ -83,12 +83,15 @@ def load_line() -> str:
 
 
 def trained_adapter(base: Path, out: Path, method: str = "lora", rank: int = 8, targets: str = "all-linear",
-                    steps: int = 8) -> Path:
+                    steps: int = 8, options: dict | None = None) -> Path:
     """A real adapter of ``base``: ``svd-serve train`` for a few steps on :func:`chat_rows` (no
-    random perturbation: the exported tensors are what training made)."""
+    random perturbation: the exported tensors are what training made); the rows are also the
+    calibration data of methods that take it."""
     from svd_serve.train import TrainConfig, train
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(out.parent / f"{out.name}-rows.jsonl", chat_rows(64))
     train(TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank, targets=targets,
-                      steps=steps, batch_size=8, lr=2e-3, progress=False))
+                      steps=steps, batch_size=8, lr=2e-3, options=options or {}, calib_data=str(data),
+                      progress=False))
     return out

@@ -31,7 +31,9 @@ def real_models(tmp: Path, base: Path, adapter: Path | None, rank: int) -> tuple
     from svd_serve.export import export
     from svd_serve.fold import fold
 
-    adapter = adapter or trained_adapter(base, tmp / "adapters" / "kasa0", method="kasa", rank=rank)
+    # KaSA's published init breaks a real model (svd-serve train refuses it): its activation-aware form
+    adapter = adapter or trained_adapter(base, tmp / "adapters" / "kasa0", method="kasa", rank=rank,
+                                         options={"select": "activation"})
     export("vllm", base, [adapter], tmp / "exp", verify=False)
     folded = fold(base, adapter, tmp / "folded")
     return base, folded, json.loads((tmp / "exp" / "serve.json").read_text())
