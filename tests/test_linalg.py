@@ -313,3 +313,37 @@ def test_damping_interpolates_towards_the_plain_choice():
     assert (d_huge - d_plain).abs().max() <= 1e-4 * float(torch.linalg.svdvals(w.double())[0])
     c = damped(cov, 0.5)
     assert torch.allclose(c - cov, torch.eye(48, dtype=torch.float64) * 0.5 * cov.diagonal().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_add_low_rank_rounds_the_exact_sum_once(dtype, scratch):
+    """``W + B A`` in float32 (float64 for a float64 weight), rounded once to the weight's dtype, in
+    place; a reused scratch buffer (larger than the weight, holding an earlier module's values)
+    changes nothing."""
+    from svd_serve.linalg import add_low_rank_
+
+    w0, a, b = randn(24, 40, seed=1).to(dtype), randn(3, 40, seed=2), randn(24, 3, seed=3)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (w0.to(compute) + b.to(compute) @ a.to(compute)).to(dtype)
+    w = w0.clone()
+    buf = torch.full((2000,), 7.0) if scratch else None
+    add_low_rank_(w, a, b, scratch=buf)
+    # the same sum up to float32 (float64) summation order, then at most one unit of rounding apart
+    tol = {torch.float32: 1e-6, torch.float64: 1e-13}.get(dtype, torch.finfo(dtype).eps)
+    assert w.dtype == dtype
+    assert (w.to(compute) - want.to(compute)).abs().max() <= tol * want.to(compute).abs().max()
+
+
+def test_nonfinite_counts_only_real_nan_and_inf():
+    """A tensor whose plain sum overflows its dtype (finite values) is finite; one NaN or infinity is
+    found and counted, in every float dtype."""
+    from svd_serve.io import nonfinite
+
+    big = torch.full((64, 64), 60000.0, dtype=torch.float16)  # sum far beyond float16's 65504
+    assert not torch.isfinite(big.sum()) and nonfinite([("big", big)]) is None
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = randn(16, 16).to(dtype)
+        assert nonfinite([("t", t)]) is None
+        t[3, 4], t[5, 6] = float("nan"), float("-inf")
+        assert nonfinite([("ok", torch.ones(2, dtype=dtype)), ("t", t)]) == ("t", 2)
