@@ -164,7 +164,7 @@ def run_peft(spec: dict, flat: bool) -> dict:
                 seen.update(rows=inputs["input_ids"].shape[0], positions="position_ids" in inputs,
                             mask="attention_mask" in inputs, trainer_autocast=torch.is_autocast_enabled("cpu"))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=own):
-                if len(seen) == 4:
+                if "autocast" not in seen:
                     seen.update(autocast=torch.is_autocast_enabled("cpu"),
                                 autocast_dtype=str(torch.get_autocast_dtype("cpu")))
                 loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

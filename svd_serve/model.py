@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from .errors import SvdServeError
 from .io import check_finite
-from .linalg import LowRank, add_low_rank_  # noqa: F401 (add_low_rank_: also imported from here)
-from .weights import DTYPES, WEIGHT_GLOBS, Weights, check_base_dir, fingerprint_digest, fingerprint_stride  # noqa: F401
+from .linalg import LowRank, add_low_rank_
+from .weights import DTYPES, Weights, check_base_dir, fingerprint_digest, fingerprint_stride
 
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
 
@@ -213,7 +213,7 @@ def absorb_frozen(model: nn.Module) -> None:
 
 
 SDPA, FLOAT32_SDPA = "svd_serve_sdpa", "svd_serve_sdpa_float32"
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # of svd_serve.data.collate_flat
 
 
 def _sdpa(module, query, key, value, attention_mask, *, float32: bool = False, cu_seq_lens_q=None,
@@ -287,11 +287,6 @@ def sdpa_attention(model: nn.Module, float32: bool = False) -> bool:
     AttentionMaskInterface.register(name, sdpa_mask)  # the same masks as "sdpa"
     model.set_attn_implementation(name)
     return config._attn_implementation == name
-
-
-def float32_attention(model: nn.Module) -> bool:
-    """:func:`sdpa_attention` in float32 (see there)."""
-    return sdpa_attention(model, float32=True)
 
 
 class LowRankDelta(nn.Module):

@@ -263,9 +263,9 @@ def loss_sum(model: nn.Module, batch: dict, device="cpu", autocast=nullcontext,
     """Σ ``loss`` (:data:`LOSSES`; cross-entropy by default) over target tokens (float32) and their
     count. The output head runs only at the positions that predict a target (:func:`_logits` with
     ``at``): on chat rows most positions carry no loss, and the head is the widest layer of a small
-    model (a fifth of SmolLM2-135M's forward FLOPs per token). A :func:`collate_packed` batch has
-    position ids and no attention mask (and must have no cache: one would hide the boundaries between
-    its examples)."""
+    model (a fifth of SmolLM2-135M's forward FLOPs per token). A :func:`collate_packed` or
+    :func:`collate_flat` batch has position ids and no attention mask (and must have no cache: one
+    would hide the boundaries between its examples)."""
     labels = batch["labels"].to(device)
     targets = labels[:, 1:] != IGNORE  # position t predicts token t + 1
     logits = _logits(model, batch, device, autocast, at=F.pad(targets, (0, 1)))
@@ -278,8 +278,8 @@ def _logits(model, batch, device, autocast, at: torch.Tensor | None = None) -> t
     before the output head (a hook on its input), so whatever the model applies after the head
     (a final soft-cap, a logit scale) applies unchanged. A model without ``get_output_embeddings``
     computes every position's logits and the positions are picked from them."""
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    inputs.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in VARLEN_KEYS})
+    keys = ("input_ids", "attention_mask", "position_ids", *VARLEN_KEYS)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in keys}
     head = model.get_output_embeddings() if at is not None and hasattr(model, "get_output_embeddings") else None
     hook = head.register_forward_pre_hook(lambda _, args: (args[0][at], *args[1:])) if head is not None else None
     try:
@@ -320,11 +320,6 @@ def batching(model, examples, pad_id, device="cpu", autocast=nullcontext) -> Cal
     finally:
         model.train(was_training)
     return collate_padded
-
-
-def packing_is_exact(model, examples, pad_id, device="cpu", autocast=nullcontext) -> bool:
-    """Whether :func:`batching` chooses rows of several examples (padding-free or packed) for this model."""
-    return batching(model, examples, pad_id, device, autocast).func is not collate
 
 
 # --- the run ---------------------------------------------------------------------------------------

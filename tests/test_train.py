@@ -192,7 +192,7 @@ def test_float32_attention_in_bfloat16_runs(tiny_model):
     import functools
 
     import svd_serve.model as sm
-    from svd_serve.model import FLOAT32_SDPA, float32_attention, load_base
+    from svd_serve.model import FLOAT32_SDPA, load_base, sdpa_attention
 
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = load_base(tiny_model("llama"))(input_ids=ids).logits.detach()
@@ -204,7 +204,7 @@ def test_float32_attention_in_bfloat16_runs(tiny_model):
         seen.append(query.dtype)
         return inner(module, query, key, value, mask, **kwargs)
 
-    assert float32_attention(model) and model.config._attn_implementation == FLOAT32_SDPA
+    assert sdpa_attention(model, float32=True) and model.config._attn_implementation == FLOAT32_SDPA
     from transformers import AttentionInterface
 
     AttentionInterface.register(FLOAT32_SDPA, spy)
@@ -217,7 +217,7 @@ def test_float32_attention_in_bfloat16_runs(tiny_model):
     assert (logits - reference).abs().max() <= 2e-2 * reference.abs().max()  # bfloat16: 8 bits of mantissa
     eager = load_base(tiny_model("llama"), torch.bfloat16)
     eager.set_attn_implementation("eager")
-    assert not float32_attention(eager) and eager.config._attn_implementation == "eager"
+    assert not sdpa_attention(eager, float32=True) and eager.config._attn_implementation == "eager"
 
 
 def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
