@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from bench.knowledge_real import adapt, run
 from bench.knowledge_real.probes import contains_answer, written
@@ -44,6 +46,30 @@ def test_same_adapter():
     assert not adapt.same_adapter(("lora", ()), ("pissa", ()), 8)
     assert not adapt.same_adapter(("corda-kpa", ()), ("kore", ()), 8)
     assert not adapt.same_adapter(("full", ()), ("lora", ()), 8)
+
+
+def test_init_uses_rng():
+    from svd_serve.adapter import make_options
+
+    assert adapt.init_uses_rng("lora", make_options("lora", 8))  # A is drawn at random
+    assert not adapt.init_uses_rng("pissa", make_options("pissa", 8))  # a decomposition of W only
+
+
+@pytest.mark.parametrize("method", ["corda-kpa", "kasa"])  # a decomposition; one that draws random numbers
+def test_kept_init_trains_like_a_fresh_one(method, tiny_model, qa_data, tmp_path):
+    """A run given a copy of the kept initial adapter set trains bit for bit as one that makes its own."""
+    base = tiny_model("llama")
+
+    def trained(name, kept):
+        cfg = adapt.TrainConfig(base=str(base), data=str(qa_data), out=str(tmp_path / name), method=method, rank=4,
+                                targets="all-linear", calib_data=str(qa_data), steps=3, batch_size=4, lr=1e-2,
+                                seed=1, progress=False, max_init_loss_increase="off")
+        adapt.train(cfg, adapt.initial_adapters(cfg) if kept else None)
+        return load_file(tmp_path / name / "svd_adapter.safetensors")
+
+    fresh, first, again = trained("fresh", False), trained("kept-1", True), trained("kept-2", True)
+    for other in (first, again):
+        assert other.keys() == fresh.keys() and all(torch.equal(other[k], fresh[k]) for k in fresh)
 
 
 def test_pipeline_and_resume(tmp_path):

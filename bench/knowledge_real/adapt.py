@@ -2,16 +2,20 @@
 still moving; follow it here and nowhere else).
 
 Adapters are trained by :func:`svd_serve.train.train` and evaluated folded into a fresh copy of the
-base. Full fine-tuning is not in the library; :func:`full_finetune` is plain AdamW over every
+base. A run starts from a copy of a kept initial adapter set where an earlier run made the same one
+(:func:`initial_adapters`): the sweep's lrs, the seeds of a deterministic init and both tasks share
+one calibration pass and one set of decompositions, and train bit for bit as with a fresh set. Full fine-tuning is not in the library; :func:`full_finetune` is plain AdamW over every
 parameter with the library's data pipeline, batch order, learning-rate schedule, loss and gradient
 clipping, so that it differs from the adapter runs in what is trained and nothing else.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +29,16 @@ from svd_serve.errors import SvdServeError
 from svd_serve.methods import get_method
 from svd_serve.model import load_base
 from svd_serve.realmodel import smollm2
-from svd_serve.train import TrainConfig, global_batch, loss_sum, lr_at, train
+from svd_serve.train import (
+    Rows,
+    TrainConfig,
+    global_batch,
+    loss_sum,
+    lr_at,
+    method_options,
+    new_adapter,
+    train,
+)
 
 FULL = "full"  # full fine-tuning: every parameter, no adapter
 MAX_LENGTH = 256
@@ -116,6 +129,44 @@ class Trained:
     seconds: float
 
 
+def init_uses_rng(method: str, opts) -> bool:
+    """Whether the method's init (with options ``opts``) draws random numbers, so that it depends on the
+    seed: two inits of the same random layer under different seeds differ."""
+    gen = torch.Generator().manual_seed(0)
+    weight, inputs = torch.randn(24, 40, generator=gen), torch.randn(64, 40, generator=gen)
+    cov = (inputs.T @ inputs / 64).double()
+    states = []
+    for seed in (0, 1):
+        layer = get_method(method)(24, 40, opts)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            layer.init(weight, cov)
+        states.append(layer.state_dict())
+    return not all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+_INITS: dict[tuple, AdapterSet] = {}  # fresh adapter sets by what makes them (see initial_adapters)
+
+
+def initial_adapters(cfg: TrainConfig) -> AdapterSet:
+    """The fresh adapter set ``train(cfg)`` would start from, made as it makes it (the seed set first,
+    the calibration statistic over ``cfg.calib_data``) and kept: a run of the same method, options,
+    targets, rank and calibration rows (and seed, if the init draws random numbers) gets a copy. The
+    calibration pass and the decompositions are most of an all-linear run's training time."""
+    opts = method_options(cfg)
+    calib = Path(cfg.calib_data).read_bytes() if cfg.calib_data else None
+    key = (cfg.base, cfg.method, repr(opts), cfg.targets, calib, cfg.seed if init_uses_rng(cfg.method, opts) else None)
+    if key not in _INITS:
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg.base)
+        tokenizer = load_tokenizer(cfg.base)
+        calib_rows = read_jsonl(cfg.calib_data) if cfg.calib_data else None
+        rows = Rows(train=[], eval=None, calib=calib_rows, retain=None, tokenizer=tokenizer, parts=[], evals=[])
+        _INITS[key] = new_adapter(cfg, opts, model, tokenizer, rows, progress=False)
+    return copy.deepcopy(_INITS[key])
+
+
 def train_run(base: Path, method: str, options: tuple[str, ...], targets: str, rank: int, data: Path,
               calib: Path | None, out: Path, steps: int, batch_size: int, lr: float, warmup: float,
               seed: int) -> Trained:
@@ -124,11 +175,12 @@ def train_run(base: Path, method: str, options: tuple[str, ...], targets: str, r
     if method == FULL:
         trainable = full_finetune(base, data, out, steps, batch_size, lr, warmup, seed)
     else:
-        train(TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank_of(method, rank), targets=targets,
-                          options=parse_option_values(method, list(options)),
+        cfg = TrainConfig(base=str(base), data=str(data), out=str(out), method=method, rank=rank_of(method, rank),
+                          targets=targets, options=parse_option_values(method, list(options)),
                           calib_data=str(calib) if calib is not None else None, max_length=MAX_LENGTH,
                           steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, progress=False,
-                          max_init_loss_increase="off"))  # init damage is measured here, not refused
+                          max_init_loss_increase="off")  # init damage is measured here, not refused
+        train(cfg, initial_adapters(cfg))
         trainable = sum(p.numel() for p in AdapterSet.load(out).parameters())
     records = [r for line in (out / "metrics.jsonl").read_text().splitlines()
                if line.strip() and (r := json.loads(line))["step"] > 0]  # (step 0: the init check's record)
