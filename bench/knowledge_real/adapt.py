@@ -4,9 +4,10 @@ still moving; follow it here and nowhere else).
 Adapters are trained by :func:`svd_serve.train.train` and evaluated folded into a fresh copy of the
 base. A run starts from a copy of a kept initial adapter set where an earlier run made the same one
 (:func:`initial_adapters`): the sweep's lrs, the seeds of a deterministic init and both tasks share
-one calibration pass and one set of decompositions, and train bit for bit as with a fresh set. Full fine-tuning is not in the library; :func:`full_finetune` is plain AdamW over every
-parameter with the library's data pipeline, batch order, learning-rate schedule, loss and gradient
-clipping, so that it differs from the adapter runs in what is trained and nothing else.
+one calibration pass and one set of decompositions, and train bit for bit as with a fresh set.
+Full fine-tuning is not in the library; :func:`full_finetune` is plain AdamW over every parameter
+with the library's data pipeline, batch order, learning-rate schedule, loss and gradient clipping, so
+that it differs from the adapter runs in what is trained and nothing else.
 """
 
 from __future__ import annotations
@@ -75,23 +76,34 @@ def unavailable(method: str, options: tuple[str, ...], rank: int) -> str | None:
     return None
 
 
+def _probe_data() -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """A fixed random generator, a random 24x40 weight and a calibration covariance for probing layers."""
+    gen = torch.Generator().manual_seed(0)
+    weight, inputs = torch.randn(24, 40, generator=gen), torch.randn(64, 40, generator=gen)
+    return gen, weight, (inputs.T @ inputs / 64).double()
+
+
+def _probe_layer(method: str, opts, weight: torch.Tensor, cov: torch.Tensor, seed: int = 0):
+    """A layer of ``method`` on ``weight``, initialised under torch seed ``seed`` (global RNG untouched)."""
+    layer = get_method(method)(*weight.shape, opts)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layer.init(weight, cov)
+    return layer
+
+
 def same_adapter(a: tuple[str, tuple[str, ...]], b: tuple[str, tuple[str, ...]], rank: int) -> bool:
     """Whether two (method, options) pairs make the same adapter, hence the same training run: built on
     the same random layer with the same random state, they hold the same parameters and buffers, and
     give the same output and regularizer."""
     if FULL in (a[0], b[0]):
         return a[0] == b[0]
-    gen = torch.Generator().manual_seed(0)
-    weight, x = torch.randn(24, 40, generator=gen), torch.randn(5, 40, generator=gen)
-    inputs = torch.randn(64, 40, generator=gen)
-    cov = (inputs.T @ inputs / 64).double()
+    gen, weight, cov = _probe_data()
+    x = torch.randn(5, 40, generator=gen)
 
     def build(method, options):
-        layer = get_method(method)(24, 40, make_options(method, rank_of(method, rank), **parse_option_values(method, list(options))))
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            layer.init(weight, cov)
-        return layer
+        opts = make_options(method, rank_of(method, rank), **parse_option_values(method, list(options)))
+        return _probe_layer(method, opts, weight, cov)
 
     la, lb = build(*a), build(*b)
     if (type(la).needs_calibration != type(lb).needs_calibration
@@ -132,17 +144,9 @@ class Trained:
 def init_uses_rng(method: str, opts) -> bool:
     """Whether the method's init (with options ``opts``) draws random numbers, so that it depends on the
     seed: two inits of the same random layer under different seeds differ."""
-    gen = torch.Generator().manual_seed(0)
-    weight, inputs = torch.randn(24, 40, generator=gen), torch.randn(64, 40, generator=gen)
-    cov = (inputs.T @ inputs / 64).double()
-    states = []
-    for seed in (0, 1):
-        layer = get_method(method)(24, 40, opts)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            layer.init(weight, cov)
-        states.append(layer.state_dict())
-    return not all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    _, weight, cov = _probe_data()
+    a, b = (_probe_layer(method, opts, weight, cov, seed).state_dict() for seed in (0, 1))
+    return not all(torch.equal(a[k], b[k]) for k in a)
 
 
 _INITS: dict[tuple, AdapterSet] = {}  # fresh adapter sets by what makes them (see initial_adapters)
@@ -183,7 +187,7 @@ def train_run(base: Path, method: str, options: tuple[str, ...], targets: str, r
         train(cfg, initial_adapters(cfg))
         trainable = sum(p.numel() for p in AdapterSet.load(out).parameters())
     records = [r for line in (out / "metrics.jsonl").read_text().splitlines()
-               if line.strip() and (r := json.loads(line))["step"] > 0]  # (step 0: the init check's record)
+               if line.strip() and (r := json.loads(line))["step"] > 0]  # (step 0, if any: the init check's)
     n_rows = len(read_jsonl(data))
     return Trained(out, records[0]["loss"], global_batch(0, n_rows, batch_size, seed), records[-1]["loss"],
                    trainable, time.perf_counter() - t0)

@@ -52,11 +52,7 @@ class Entry:
     method: str
     options: tuple[str, ...] = ()  # KEY=VALUE, as `svd-serve train -o`
     targets: tuple[str, ...] = ("qv", "all")
-    lrs: tuple[float, ...] | None = None  # the grid for every target set (None: LRS's grid for each)
     calibrate: bool = False  # give it the calibration rows even if the method does not require them
-
-    def grid(self, targets: str) -> tuple[float, ...]:
-        return self.lrs or LRS[targets]
 
 
 # The method table. An entry whose method or option the library lacks is skipped with its reason.
@@ -371,7 +367,7 @@ def aliases(rank: int) -> dict[str, str]:
         if adapt.unavailable(e.method, e.options, rank):
             continue
         for f in ENTRIES[:i]:
-            if (f.name not in out and (f.targets, f.lrs, f.calibrate) == (e.targets, e.lrs, e.calibrate)
+            if (f.name not in out and (f.targets, f.calibrate) == (e.targets, e.calibrate)
                     and not adapt.unavailable(f.method, f.options, rank)
                     and adapt.same_adapter((e.method, e.options), (f.method, f.options), rank)):
                 out[e.name] = f.name
@@ -451,7 +447,7 @@ def run(args, entries: list[Entry], seeds: list[int], lrs: tuple[float, ...] | N
             for entry in todo:
                 for tkey in entry.targets:
                     if tkey == "full" or tkey in args.targets.split(","):
-                        run_cell(ctx, entry, tkey, task, seeds, lrs or entry.grid(tkey))
+                        run_cell(ctx, entry, tkey, task, seeds, lrs or LRS[tkey])
     (out / "table.md").write_text(table(ctx, skipped))
     plot(ctx, out / "plot.png")
     print((out / "table.md").read_text())
