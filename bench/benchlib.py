@@ -87,7 +87,7 @@ def trained_adapter(base: Path, out: Path, method: str = "lora", rank: int = 8, 
     """A real adapter of ``base``: ``svd-serve train`` for a few steps on :func:`chat_rows` (no
     random perturbation: the exported tensors are what training made); the rows are also the
     calibration data of methods that take it."""
-    from svd_serve.train import TrainConfig, train
+    from svd_serve.training import TrainConfig, train
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(out.parent / f"{out.name}-rows.jsonl", chat_rows(64))

@@ -6,7 +6,7 @@ with minor components chosen by singular value (the papers) or by output energy 
 
 Eval rows: ``tests/data/chat-eval.jsonl`` (short chat turns, loss on the assistant tokens only).
 Calibration rows (for CorDA and ``select=activation``): ``tests/data/chat-calib.jsonl``, other
-general chat rows. Every configuration is measured by ``svd_serve.health.check_init`` on the model
+general chat rows. Every configuration is measured by ``svd_serve.training.check_init`` on the model
 as the training loop runs it (frozen terms absorbed into its copy of the base, float32, CPU).
 """
 
@@ -25,15 +25,15 @@ import torch  # noqa: E402
 
 from svd_serve.adapter import AdapterSet, make_options  # noqa: E402
 from svd_serve.calib import input_covariances  # noqa: E402
-from svd_serve.data import encode, read_jsonl  # noqa: E402
-from svd_serve.health import check_init  # noqa: E402
+from svd_serve.dataset import encode, read_jsonl  # noqa: E402
+from svd_serve.training import check_init  # noqa: E402
 from svd_serve.model import absorb_frozen, load_base, resolve_targets  # noqa: E402
 from svd_serve.realmodel import smollm2  # noqa: E402
-from svd_serve.train import loss_sum  # noqa: E402
+from svd_serve.training import loss_sum  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 CONFIGS = [("lora", {}), ("pissa", {}), ("corda-kpa", {}), ("milora", {}), ("milora", {"select": "activation"}),
-           ("soma", {}), ("soma", {"select": "activation"}), ("kasa", {}), ("kasa", {"select": "activation"})]
+           ("soma", {}), ("soma", {"select": "activation"}), ("kasa", {"select": "weight"}), ("kasa", {"select": "activation"})]
 
 
 def main() -> None:

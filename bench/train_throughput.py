@@ -75,32 +75,33 @@ def peak_rss_mb() -> float:
 def examples_of(spec: dict):
     from transformers import AutoTokenizer
 
-    from svd_serve.data import encode, read_jsonl
+    from svd_serve.dataset import encode, read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(spec["base"])
     return tokenizer, [encode(r, tokenizer, MAX_LENGTH) for r in read_jsonl(spec["data"])]
 
 
 def step_ids(spec: dict, n: int) -> list[list[int]]:
-    from svd_serve.train import global_batch
+    from svd_serve.training import global_batch
 
     return [global_batch(s, n, spec["batch"], SEED) for s in range(spec["steps"])]
 
 
 # --- the runs (each in its own process) ---------------------------------------------------------------
 def run_svd(spec: dict, absorb: bool = True) -> dict:
-    """``svd_serve.train.train``; its freshly created adapter is saved (outside the timed loop) for PEFT."""
-    import svd_serve.train as t
+    """``svd_serve.training.train``; its freshly created adapter is saved (outside the timed loop) for PEFT."""
+    import svd_serve.training as t
+    from svd_serve.adapter import AdapterSet
 
     work = Path(spec["work"])
-    create = t.AdapterSet.create
+    create = AdapterSet.create
 
     def create_and_keep(*args, **kwargs):
         adapters = create(*args, **kwargs)
         adapters.save(work / f"init-{spec['method']}", overwrite=True)
         return adapters
 
-    t.AdapterSet.create = create_and_keep
+    AdapterSet.create = create_and_keep
     out = work / f"svd-{spec['method']}-{spec['dtype']}-{absorb}"
     t.train(t.TrainConfig(base=spec["base"], data=spec["data"], out=str(out), method=spec["method"],
                           rank=spec["rank"], targets=spec["targets"], steps=spec["steps"], batch_size=spec["batch"],
@@ -121,9 +122,9 @@ def run_peft(spec: dict, flat: bool) -> dict:
     from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
     from svd_serve.adapter import AdapterSet
-    from svd_serve.data import collate
+    from svd_serve.dataset import collate
     from svd_serve.model import load_base
-    from svd_serve.train import DTYPES
+    from svd_serve.training import COMPUTE_DTYPES
 
     torch.manual_seed(SEED)
     work, method, bf16 = Path(spec["work"]), spec["method"], spec["dtype"] == "bfloat16"
@@ -136,7 +137,7 @@ def run_peft(spec: dict, flat: bool) -> dict:
     else:
         collator = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
 
-    model = load_base(spec["base"], DTYPES[spec["dtype"]])
+    model = load_base(spec["base"], COMPUTE_DTYPES[spec["dtype"]])
     init = AdapterSet.load(work / f"init-{method}")
     config = LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=0.0,
                         target_modules=spec["targets"].split(","),
@@ -205,9 +206,9 @@ def run_gemm(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from svd_serve.train import DTYPES
+    from svd_serve.training import COMPUTE_DTYPES
 
-    dtype = DTYPES[spec["dtype"]]
+    dtype = COMPUTE_DTYPES[spec["dtype"]]
     flops, shapes = useful_flops(spec)
     rates = {}
     for out_f, in_f in shapes:

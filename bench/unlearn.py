@@ -69,8 +69,8 @@ def greedy_hits(model, tokenizer, facts) -> float:
 
 @torch.no_grad()
 def mean_ce(model, tokenizer, data: list[dict], skip_eos: bool = True) -> float:
-    from svd_serve.data import IGNORE, collate, encode
-    from svd_serve.train import loss_sum
+    from svd_serve.dataset import IGNORE, collate, encode
+    from svd_serve.training import loss_sum
 
     batch = collate([encode(r, tokenizer, 128) for r in data], tokenizer.pad_token_id)
     if skip_eos:
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     from svd_serve.adapter import AdapterSet
     from svd_serve.model import load_base
     from svd_serve.realmodel import smollm2
-    from svd_serve.train import TrainConfig, train
+    from svd_serve.training import TrainConfig, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)

@@ -43,8 +43,8 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
 
 @torch.no_grad()
 def heldout_loss(model, tokenizer, rows: list[dict]) -> float:
-    from svd_serve.data import collate, encode
-    from svd_serve.train import loss_sum
+    from svd_serve.dataset import collate, encode
+    from svd_serve.training import loss_sum
 
     total, count = 0.0, 0
     for i in range(0, len(rows), 32):
@@ -55,7 +55,7 @@ def heldout_loss(model, tokenizer, rows: list[dict]) -> float:
 
 def prompt_ids(row: dict, tokenizer) -> list[int]:
     """A row's tokens before its first target token (the prompt, or the chat up to the assistant turn)."""
-    from svd_serve.data import IGNORE, encode
+    from svd_serve.dataset import IGNORE, encode
 
     ex = encode(row, tokenizer, 256)
     first = next(i for i, label in enumerate(ex.labels) if label != IGNORE)
@@ -117,7 +117,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    from svd_serve.data import read_jsonl
+    from svd_serve.dataset import read_jsonl
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True)

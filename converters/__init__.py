@@ -22,7 +22,7 @@ from torch import Tensor
 from svd_serve.errors import SvdServeError
 
 if TYPE_CHECKING:
-    from svd_serve.verify import Verification, VerifyOptions
+    from svd_serve.verification import Verification, VerifyOptions
 
 # the files of a native adapter (svd_serve/adapter.py), hashed to recognise an unchanged adapter
 NATIVE_FILES = ("svd_adapter.json", "svd_adapter.safetensors")

@@ -44,14 +44,16 @@ import torch
 from svd_serve.converters import ExportedAdapter, ExportJob, Target, read_json
 from svd_serve.converters.peft import write_lora_dir
 from svd_serve.errors import SvdServeError
-from svd_serve.io import atomic_dir
+from svd_serve.files import atomic_dir
 from svd_serve.linalg import LowRank
+from svd_serve.verification import BASE, engine, prepare, report
 
 FORMAT = "svd-serve-onnx"
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 SUFFIX = ".onnx_adapter"
-DTYPES = {"float32": (np.float32, "fp32"), "float16": (np.float16, "fp16")}
+# the dtypes of an exported graph: --target onnx dtype → (numpy dtype, onnxruntime-genai precision)
+ONNX_DTYPES = {"float32": (np.float32, "fp32"), "float16": (np.float16, "fp16")}
 
 
 def lora_names(module: str) -> tuple[str, str]:
@@ -151,8 +153,6 @@ def _die_with_parent() -> None:
 def run_builder(base: Path, peft_dir: Path, out: Path, scratch: Path, precision: str, provider: str) -> None:
     """onnxruntime-genai's model builder in a child process that dies with this one; everything it
     writes besides ``out`` (its cache, temporary files) goes to ``scratch``; its output to the log."""
-    from svd_serve.verify import engine
-
     base, peft_dir, out, scratch = (p.resolve() for p in (base, peft_dir, out, scratch))  # it runs in scratch
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(out),
            "-p", precision, "-e", provider, "-c", str(scratch), "--extra_options", f"adapter_path={peft_dir}"]
@@ -257,9 +257,9 @@ def export(job: ExportJob, out: Path) -> dict:
     from svd_serve.model import fingerprint, load_base
 
     dtype = job.options.get("dtype") or ("float16" if cuda_available() else "float32")
-    if dtype not in DTYPES:
+    if dtype not in ONNX_DTYPES:
         raise SvdServeError(f"--target onnx writes float32 (CPU) or float16 (CUDA) graphs, not {dtype}")
-    np_dtype, precision = DTYPES[dtype]
+    np_dtype, precision = ONNX_DTYPES[dtype]
     provider = "cuda" if dtype == "float16" or cuda_available() else "cpu"  # what the graph is built for
     check_installed("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai", "peft")
     check_base(job.architecture, AutoConfig.from_pretrained(job.base))
@@ -312,7 +312,6 @@ def smoke_check(onnx_dir: Path, model, adapters: list[ExportedAdapter]) -> dict:
     """One session, every adapter in turn on random tokens: max |Δ logits| against torch
     (base + B A on each covered module) and the provider ORT actually used."""
     from svd_serve.model import LowRankDelta, attach, detach
-    from svd_serve.verify import engine
 
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     refs = {}
@@ -571,8 +570,6 @@ class OnnxTarget(Target):
         """An ONNX Runtime session (greedy, KV cache, each adapter active in turn) against the Hugging
         Face model with the factors of the same ``.onnx_adapter`` files."""
         import onnxruntime as ort
-
-        from svd_serve.verify import BASE, engine, prepare, report
 
         check_installed("onnx", "onnxruntime")
         manifest = read_manifest(export_dir)

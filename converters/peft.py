@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from svd_serve.converters import ExportedAdapter, ExportJob, Target, adapter_hash, read_json
 from svd_serve.errors import SvdServeError
-from svd_serve.io import atomic_dir
+from svd_serve.files import atomic_dir
 from svd_serve.linalg import LowRank
+from svd_serve.verification import BASE, engine, greedy, prepare, report
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -158,8 +159,6 @@ class PeftTarget(Target):
     def verify(self, base: Path, export_dir: Path, options):
         """PEFT's model (``PeftModel.from_pretrained``) against the Hugging Face model with the same
         factors as svd-serve reads them: PEFT is the independent reader of the written files."""
-        from svd_serve.verify import BASE, engine, greedy, prepare, report
-
         record = read_record(export_dir)
         factors = read_lora(export_dir)
         name = record["name"]

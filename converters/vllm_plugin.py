@@ -7,8 +7,10 @@ converted to an exact PEFT LoRA in a cache directory (``SVD_SERVE_LORA_CACHE``, 
 changed adapter is converted again and an unchanged one never is. A file lock makes concurrent first
 requests (threads or API-server processes) convert once.
 
-Registration imports nothing heavy and does nothing when ``SVD_SERVE_ADAPTER_ROOT`` is unset; torch
-and the converter are imported on the first resolution.
+Registration runs in every vLLM process. It corrects vLLM's CPU LoRA ops where they serve a request
+without a LoRA with the last slot's LoRA (:mod:`svd_serve.converters.vllm_lora_fix`), with or without
+an adapter root, and registers the resolver only when ``SVD_SERVE_ADAPTER_ROOT`` is set; the converter
+is imported on the first resolution.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ logger = logging.getLogger("vllm.plugins.svd_serve")  # under vLLM's configured 
 
 def register() -> None:
     """Entry point of group ``vllm.general_plugins``."""
+    from svd_serve.converters import vllm_lora_fix
+
+    vllm_lora_fix.install()
     root = os.environ.get(ROOT_ENV)
     if not root:
         return
@@ -91,45 +96,20 @@ def write_peft(src: Path, out: Path, name: str, base: str | None) -> None:
 
 
 def check_base_weights(adapters, base: Path) -> None:
-    """The adapter's base fingerprint against the served checkpoint, reading the target weights
-    one at a time from its safetensors files (no model is built)."""
-    from safetensors import safe_open
-
+    """The adapter's base fingerprint against the served checkpoint, from its files
+    (:class:`svd_serve.weights.Weights` reads only the fingerprint's samples; no model is built)."""
     from svd_serve.errors import SvdServeError
-    from svd_serve.model import fingerprint
+    from svd_serve.weights import Weights
 
-    files = {}
-    for file in sorted(base.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))
+    try:
+        ckpt = Weights(base)
+    except SvdServeError:
+        return  # not a checkpoint svd-serve reads: vLLM's own checks still apply
     targets = list(adapters.config.targets)
-    if any(f"{m}.weight" not in files for m in targets):
+    if any(f"{m}.weight" not in ckpt.tensors for m in targets):
         return  # not a plain HF checkpoint layout: vLLM's own shape checks still apply
-    modules = {m: _LazyWeight(files[f"{m}.weight"], f"{m}.weight") for m in targets}
-    if fingerprint(_Modules(modules), targets) != adapters.config.base_fingerprint:
+    if ckpt.fingerprint(targets) != adapters.config.base_fingerprint:
         raise SvdServeError(f"the adapter was initialised from a different base than {base}")
-
-
-class _LazyWeight:
-    """Stands in for a Linear in :func:`fingerprint`: the weight is read when asked for."""
-
-    def __init__(self, file: Path, key: str):
-        self.file, self.key = file, key
-
-    @property
-    def weight(self):
-        from safetensors import safe_open
-
-        with safe_open(self.file, framework="pt") as f:
-            return f.get_tensor(self.key)
-
-
-class _Modules:
-    def __init__(self, modules: dict):
-        self.modules = modules
-
-    def named_modules(self):
-        return iter(self.modules.items())
 
 
 def make_resolver(root: str | Path, cache: Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calib import TruncationWeights, lower_rank
 from .errors import SvdServeError
-from .io import atomic_dir, check_finite
+from .files import atomic_dir, check_finite
 from .linalg import Compressed, LowRank, add_low_rank_
 from .methods import Adapter, Options, get_method
 from .methods.delta import Delta
@@ -131,6 +132,19 @@ class AdapterSet(nn.Module):
             stat = statistics.get(name) if statistics else None
             self.layers[_key(name)].init(weight, stat)
         return self
+
+    @classmethod
+    def fresh(cls, model: nn.Module, method: str, opts, targets: list[str], target_spec: str = "",
+              calibration: Callable[[str], dict[str, Tensor]] | None = None, base_model: str = "",
+              progress: bool = True) -> "AdapterSet":
+        """:meth:`create`, calibrated where the method uses a statistic with these options
+        (``uses_calibration_for``): ``calibration(statistic)`` gives each module's statistic (the one
+        the method declares, ``Adapter.statistic``). Without ``calibration``, a method that needs one
+        is refused by :meth:`create`."""
+        method_cls = get_method(method)
+        stats = calibration(method_cls.statistic) if (
+            calibration is not None and method_cls.uses_calibration_for(opts)) else None
+        return cls.create(model, method, opts, targets, target_spec, stats, base_model, progress)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> "AdapterSet":

@@ -22,7 +22,7 @@ is exact and low-rank (rank ≤ Σ_t rank τ_{t,b}), so it folds or compresses l
 How it is learned: an :class:`Atlas` layer per module holds the task vectors as frozen balanced SVD
 factors (``A = √S Vᵀ``, ``B = U √S``, :func:`svd_serve.linalg.compress`) and trains only ``λ``; the
 set of them is an ordinary :class:`AdapterSet` trained by the training loop itself
-(:func:`svd_serve.train.start`, ``fit``, ``evaluate``), not a second loop. The coefficients start at
+(:func:`svd_serve.training.start`, ``fit``, ``evaluate``), not a second loop. The coefficients start at
 ``lam · w_t`` (``--lambda``, ``--weights``; default 1: task arithmetic), which is where the paper's
 task-arithmetic baseline sits, so the learned merge is compared with the merge it started from.
 The few-shot loss is reported at the start and at the end (on the same rows: they are the only
@@ -40,11 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import AdapterConfig, AdapterSet
-from .data import read_jsonl
+from .dataset import read_jsonl
 from .errors import SvdServeError
 from .linalg import LowRank, compress
 from .methods.base import Adapter, Options, opt
-from .train import TrainConfig, check_config, evaluate, fit, start
+from .training import TrainConfig, check_config, evaluate, fit, start
 
 
 @dataclass
@@ -89,7 +89,6 @@ class Atlas(Adapter):
     name = "atlas"
     paper = "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling (Zhang et al., NeurIPS 2024, arXiv:2407.02880)"
     Options = AtlasOptions
-    bound = "Σ_t rank τ_t"
 
     def check(self) -> None:
         """Any shape: the slots hold whatever rank the task vectors have."""
@@ -100,7 +99,7 @@ class Atlas(Adapter):
         self.register_buffer("B", torch.zeros(self.m, size))
         self.coef = nn.Parameter(torch.ones(size if self.opts.per_component else self.opts.tasks))
 
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         raise SvdServeError("an atlas layer is made from task vectors (Atlas.set_tasks), not from a base weight")
 
     @torch.no_grad()
@@ -129,6 +128,7 @@ class Atlas(Adapter):
         return LowRank(self.A, self.B * self.coefficients())
 
     def rank_bound(self) -> int:
+        """Σ_t rank τ_t"""
         return self.opts.tasks * self.opts.rank
 
 

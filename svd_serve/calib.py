@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import IGNORE, collate, encode, read_jsonl
+from .dataset import IGNORE, collate, encode, read_jsonl
 from .errors import SvdServeError
 from .linalg import DAMP, Compressed, LowRank, Weighting, compress, relative_error
 
@@ -118,6 +118,8 @@ def relative_fisher(forget: dict[str, Tensor], retain: dict[str, Tensor], damp: 
             for n in forget}
 
 
+# rows of --data a method that takes a statistic if given (KaSA's default) uses without --calib-data (kasa.py says it)
+TRAINING_ROWS = 128
 STATISTICS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "covariance": input_covariances,
     "fisher": fisher_rows,

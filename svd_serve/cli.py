@@ -17,17 +17,57 @@ from .calib import CALIB_HELP, WEIGHTING_HELP, WEIGHTINGS, truncation_table
 from .converters import TARGETS
 from .demo import demo
 from .errors import SvdServeError
-from .merge import MERGES
-from .merge import METHODS as MERGE_METHODS
+from .merge import MERGES, RULES, MergeArgs
 from .methods import METHODS
-from .train import DTYPES, SCHEDULES, TrainConfig
+from .schema import Settings
+from .training import TrainConfig
 from .verify import TOLERANCE, VerifyOptions
 
-TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the defaults of `train`
 ATLAS = {f.name: f.default for f in dataclasses.fields(AtlasSettings)}  # and of `merge --method atlas`
+MERGE = {name: f.default for name, f in MergeArgs.fields().items()}  # of `merge`
 DEMO = {k: p.default for k, p in inspect.signature(demo).parameters.items()}  # and of `demo`
 TARGETS_HELP = "Module-name suffixes (comma list), 'all-linear', or a regex over full names."
 OVERWRITE_HELP = "Replace an earlier svd-serve output at --out (never other files)."
+
+
+def settings_options(cls: type[Settings], choices: dict[str, list[str]] | None = None):
+    """One click option per field of ``cls``, in its order: flag, type, default, choices and help text
+    all from the schema (:mod:`svd_serve.schema`); ``choices``: those the command line offers for a
+    field the library leaves open (``--method``: the registered methods)."""
+    def decorate(f):
+        for name, field in reversed(cls.fields().items()):
+            kwargs = _option_kwargs(cls, name, field)
+            if choices and name in choices:
+                kwargs["type"] = click.Choice(list(choices[name]))
+            f = click.option(*_declarations(cls, name), **kwargs)(f)
+        return f
+    return decorate
+
+
+def _declarations(cls: type[Settings], name: str) -> tuple[str, ...]:
+    flag = cls.fields()[name].metadata.get("flag") or cls.flag(name)
+    flags = (flag,) if isinstance(flag, str) else flag
+    return (*flags, name)
+
+
+def _option_kwargs(cls: type[Settings], name: str, field: dataclasses.Field) -> dict:
+    meta, (kind, _) = field.metadata, cls.kind(name)
+    default = field.default if field.default is not dataclasses.MISSING else None
+    kwargs = {"help": meta["doc"], "metavar": meta.get("metavar")}
+    if meta.get("parse") is not None:
+        return {**kwargs, "default": str(default)}
+    if kind is dict:
+        return {**kwargs, "multiple": True}
+    if kind is bool:
+        flag = meta.get("flag") or ""
+        if "/" in flag:  # --x/--no-x
+            return {**kwargs, "default": default}
+        if flag.startswith("--no-"):  # a flag that turns a setting off
+            return {**kwargs, "flag_value": False, "default": default}
+        return {**kwargs, "is_flag": True}
+    kwargs["type"] = (click.Path() if meta.get("path") else click.Choice(list(meta["choices"])) if meta.get("choices")
+                      else kind if kind in (int, float) else None)
+    return {**kwargs, "default": default} if default is not None else kwargs
 
 
 def weighting_options(f):
@@ -73,67 +113,7 @@ def methods_cmd(name):
 
 @cli.command(context_settings={"show_default": True})
 @click.option("--config", "config_file", type=click.Path(), help="run.yaml or JSON with any of these options; flags override it.")
-@click.option("--base", type=click.Path(), help="Hugging Face model directory.  [required]")
-@click.option("--data", type=click.Path(),
-              help='JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required, or --forget-data]')
-@click.option("--out", type=click.Path(), help="Output directory: the adapter, metrics.jsonl, loss.png, checkpoints/.  [required]")
-@click.option("--method", default=TRAIN["method"], type=click.Choice(list(METHODS)),
-              help="Adapter method (see `svd-serve methods`).")
-@click.option("--rank", type=int, help="Adapter rank r, the same as -o rank=R (default: the method's).")
-@click.option("--alpha", type=float, help="LoRA alpha, scale = alpha / r, the same as -o alpha=A; only methods "
-                                          "with a scale take it (default: the method's).")
-@click.option("--targets", default=TRAIN["targets"], help=TARGETS_HELP)
-@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
-              help="A method option, parsed by its type, e.g. -o ratio=0.2 (repeat). `svd-serve methods` lists "
-                   "each method's options; an option the method does not have is refused.")
-@click.option("--reg", multiple=True, metavar="KEY=VALUE",
-              help="A regularizer weight, e.g. --reg beta=1e-3: the same as -o, for regularizer weights only.")
-@click.option("--calib-data", type=click.Path(),
-              help="JSONL for the calibration statistic of CorDA and KORE (input covariances) and LoKU (Fisher "
-                   "information; in an unlearning run the default is --forget-data).")
-@click.option("--forget-data", type=click.Path(),
-              help="Unlearn instead of learning (instead of --data): JSONL whose target tokens the adapter pushes "
-                   "down with the inverted hinge loss (LoKU). Each step takes one batch of it and one of "
-                   "--retain-data.")
-@click.option("--retain-data", type=click.Path(),
-              help="With --forget-data: JSONL kept with the usual cross-entropy (and the reference of LoKU's "
-                   "relative Fisher information).")
-@click.option("--forget-weight", default=TRAIN["forget_weight"], type=float,
-              help="Weight of the forget loss (mean inverted hinge per target token).")
-@click.option("--retain-weight", default=TRAIN["retain_weight"], type=float,
-              help="Weight of the retain loss (mean cross-entropy per target token).")
-@click.option("--max-length", default=TRAIN["max_length"], type=int, help="Longer rows are truncated (and counted).")
-@click.option("--pack", is_flag=True, help="Concatenate short rows into rows of up to --max-length tokens.")
-@click.option("--eval-data", type=click.Path(), help="JSONL evaluated at checkpoints and at the end.")
-@click.option("--eval-split", type=float, help="Hold out this fraction of --data for evaluation, e.g. 0.05.")
-@click.option("--eval-every", type=int, help="Evaluate every N steps (default: at checkpoints and the end).")
-@click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
-@click.option("--epochs", type=float, help="Epochs over the data (instead of --steps).")
-@click.option("--batch-size", default=TRAIN["batch_size"], type=int, help="Rows per process and accumulation step.")
-@click.option("--grad-accum", default=TRAIN["grad_accum"], type=int, help="Accumulation steps per optimizer step.")
-@click.option("--lr", default=TRAIN["lr"], type=float, help="Peak learning rate of AdamW.")
-@click.option("--schedule", default=TRAIN["schedule"], type=click.Choice(SCHEDULES), help="Decay after warmup.")
-@click.option("--warmup", default=TRAIN["warmup"], type=float, help="Warmup steps (>= 1) or fraction of all steps (< 1).")
-@click.option("--weight-decay", default=TRAIN["weight_decay"], type=float, help="AdamW weight decay.")
-@click.option("--max-grad-norm", default=TRAIN["max_grad_norm"], type=float, help="Clip the global gradient norm (0: off).")
-@click.option("--dtype", default=TRAIN["dtype"], type=click.Choice(list(DTYPES)),
-              help="Compute dtype of the base: float32, or bfloat16 (half the memory; autocast). Adapter "
-                   "parameters stay float32. float16 is not offered: it would need loss scaling.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--absorb-frozen/--no-absorb-frozen", default=TRAIN["absorb_frozen"],
-              help="Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: faster steps.")
-@click.option("--max-init-loss-increase", default=str(TRAIN["max_init_loss_increase"]), metavar="NATS",
-              help="Refuse to train when the adapter at init raises the loss (on a few eval or training rows) "
-                   "by more than this many nats; 0, inf or off: never refuse (the check is still shown and "
-                   "recorded).")
-@click.option("--seed", default=TRAIN["seed"], type=int, help="Seed of the adapter init, the data order and --eval-split.")
-@click.option("--save-every", type=int, help="Checkpoint to OUT/checkpoints/step-N every N steps.")
-@click.option("--keep-checkpoints", default=TRAIN["keep_checkpoints"], type=int,
-              help="Keep the last N checkpoints (and the best).")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run at --out (its own files only).")
-@click.option("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
-@click.option("--no-progress", "progress", flag_value=False, default=TRAIN["progress"], help="No progress bar.")
+@settings_options(TrainConfig, choices={"method": list(METHODS)})
 @click.pass_context
 def train(ctx, config_file, **given):
     """Train an adapter; the method's regularizers are added automatically.
@@ -142,8 +122,8 @@ def train(ctx, config_file, **given):
     gloo on CPU); --batch-size is per process."""
     from click.core import ParameterSource
 
-    from .train import load_config
-    from .train import train as run
+    from .training import load_config
+    from .training import train as run
 
     # a config file's values are overridden only by flags given on the command line
     given = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
@@ -218,7 +198,7 @@ def export(target, base, adapters, out, max_rank, weighting, truncation_calib, d
 @click.option("--plot", type=click.Path(), help="Also write the spectra as a PNG (a grid of small panels).")
 def inspect_cmd(adapter, base, max_rank, modules, plot):
     """Singular spectra per module: ΔW's rank and energy, and with --base the σ shift of W."""
-    from .inspect import check_plot_path, inspect, plot as draw, table
+    from .inspection import check_plot_path, inspect, plot as draw, table
 
     if plot:
         check_plot_path(plot)
@@ -231,10 +211,21 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 
 
 @cli.command()
-@click.option("--target", required=True, type=click.Choice(list(TARGETS)),
-              help="The target the export was written for; it runs in that target's runtime.")
+@click.option("--target", type=click.Choice(list(TARGETS)),
+              help="The target the export was written for; it runs in that target's runtime.  [required without --url]")
 @click.option("--base", required=True, type=click.Path(), help="The base the export was made for (a local directory).")
-@click.option("--export", "export_dir", required=True, type=click.Path(), help="Output of `svd-serve export`.")
+@click.option("--export", "export_dir", type=click.Path(),
+              help="Output of `svd-serve export`.  [required without --url; with it: a vLLM export whose adapters "
+                   "the server serves by their names]")
+@click.option("--url", help="Check this running OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead.")
+@click.option("--adapter", "served", multiple=True, metavar="NAME=DIR",
+              help="With --url: the server's adapter NAME serves DIR (a native adapter, a PEFT export, or a vLLM "
+                   "export holding NAME); repeat.")
+@click.option("--served-base-name", help="With --url: the base's served name (default: the one listed model "
+                                         "that is not an adapter).")
+@click.option("--dtype", type=click.Choice(list(TOLERANCE)), help="With --url: the dtype the server computes in, "
+                                                                  "for the default --tol (default: float32).")
+@click.option("--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="With --url: the server's API key.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeat; default: three built-in).")
 @click.option("--max-new-tokens", default=VerifyOptions.max_new_tokens, show_default=True, type=int,
               help="Greedy tokens generated per prompt.")
@@ -244,16 +235,28 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 @click.option("--kv-cache-mib", default=VerifyOptions.kv_cache_mib, show_default=True, type=int,
               help="vLLM's KV cache size.")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report (with tokens) here.")
-def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, tol, kv_cache_mib, json_out):
+def verify(target, base, export_dir, url, served, served_base_name, dtype, api_key, prompts, max_new_tokens,
+           max_tokens_alias, tol, kv_cache_mib, json_out):
     """Run an export in its target's runtime (vLLM, ONNX Runtime, PEFT) and compare greedy tokens and
-    logprobs with the Hugging Face model, for the base and every adapter. Exit status 1 on a mismatch."""
+    logprobs with the Hugging Face model, for the base and every adapter. With --url: the same check of
+    a running server, for its base and each --adapter. Exit status 1 on a mismatch."""
     from .verify import verify as run
 
     if max_tokens_alias is not None:
         max_new_tokens = max_tokens_alias
-    result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib)
+    if url is not None:
+        result = verify_url(url, base, export_dir, target, served, served_base_name, dtype, api_key,
+                            VerifyOptions(list(prompts) or VerifyOptions().prompts, max_new_tokens, tol))
+    else:
+        for flag, value in (("--adapter", served), ("--served-base-name", served_base_name), ("--dtype", dtype)):
+            if value:
+                raise SvdServeError(f"{flag} is for checking a server: give --url too")
+        for flag, value in (("--target", target), ("--export", export_dir)):
+            if value is None:
+                raise click.UsageError(f"Missing option '{flag}' (or give --url to check a running server).")
+        result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib)
     if json_out:
-        from .io import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(result.to_dict(), indent=2) + "\n")
     for line in result.lines():
@@ -262,19 +265,31 @@ def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, 
         sys.exit(1)
 
 
+def verify_url(url, base, export_dir, target, served, served_base_name, dtype, api_key, options):
+    """`verify --url`: the served names and what each serves, from --adapter and --export."""
+    from .verify_server import export_adapters, parse_adapters, verify_url as run
+
+    if target is not None:
+        raise SvdServeError("--target is for an offline check; with --url the server is the runtime: drop --target")
+    adapters = parse_adapters(list(served))
+    for name, path in (export_adapters(export_dir) if export_dir else {}).items():
+        if name in adapters:
+            raise SvdServeError(f"adapter {name} is given by --adapter and by --export {export_dir}")
+        adapters[name] = path
+    return run(url, base, adapters, options, dtype, served_base_name, api_key)
+
+
 @cli.command()
 @click.option("--base", required=True, type=click.Path(), help="The base every adapter was trained on.")
 @click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
-              help="svd-serve adapter directory (repeat for each).")
-@click.option("--method", required=True, type=click.Choice(MERGE_METHODS), help="Merge method.")
-@click.option("--weights", help="Comma list, one per adapter (default: all 1).")
-@click.option("--density", default=1.0, show_default=True, type=float,
-              help="TIES/KnOTS: fraction of magnitudes kept; DARE: keep probability.")
-@click.option("--lambda", "lam", default=1.0, show_default=True, type=float,
-              help="Scale of the merged ΔW (atlas: the coefficients start at lambda × weight).")
-@click.option("--seed", default=0, show_default=True, type=int, help="DARE's random masks; atlas: the data order.")
-@click.option("--shared", default="ties", show_default=True, type=click.Choice(list(MERGES)),
-              help="twin: the method of the shared merge.")
+              help=MergeArgs.help("adapter_dirs"))
+@click.option("--method", required=True, type=click.Choice(list(MERGES)), help=MergeArgs.help("method"))
+@click.option("--weights", help=MergeArgs.help("weights"))
+@click.option("--density", default=MERGE["density"], show_default=True, type=float, help=MergeArgs.help("density"))
+@click.option("--lambda", "lam", default=MERGE["lam"], show_default=True, type=float, help=MergeArgs.help("lam"))
+@click.option("--seed", default=MERGE["seed"], show_default=True, type=int, help=MergeArgs.help("seed"))
+@click.option("--shared", default=MERGE["shared"], show_default=True, type=click.Choice(RULES),
+              help=MergeArgs.help("shared"))
 @click.option("--data", type=click.Path(),
               help="atlas: the few labelled rows (JSONL in a training format) its coefficients are learned on.")
 @click.option("--per-component", is_flag=True,
@@ -282,8 +297,8 @@ def verify(target, base, export_dir, prompts, max_new_tokens, max_tokens_alias, 
                    "(default: one per task vector and module).")
 @click.option("--steps", type=int, help=f"atlas: optimizer steps (default: {ATLAS['epochs']:g} epochs of --data).")
 @click.option("--lr", type=float, help=f"atlas: learning rate of the coefficients (default: {ATLAS['lr']:g}).")
-@click.option("--fold", is_flag=True, help="Write a merged HF checkpoint.")
-@click.option("--max-rank", type=int, help="Write one adapter of rank <= K (twin: each task adapter).")
+@click.option("--fold", is_flag=True, help=MergeArgs.help("fold"))
+@click.option("--max-rank", type=int, help=MergeArgs.help("rank"))
 @weighting_options
 @click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
@@ -339,17 +354,32 @@ class _UnlistedArgument(click.Argument):
 @click.option("--initial", type=click.Path(),
               help="PiSSA/OLoRA/CorDA: the adapter PEFT saved before training.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (a native adapter).")
+@click.option("--max-rank", type=int, help="DoRA: the rank of the written LoRA, the best rank-K approximation "
+                                          "of DoRA's full-rank ΔW (default: twice the adapter's r; errors reported).")
+@weighting_options
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.argument("old_adapter", required=False, type=click.Path(), cls=_UnlistedArgument)
-def import_cmd(source, adapter, base, initial, out, overwrite, old_adapter):
-    """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter."""
+def import_cmd(source, adapter, base, initial, out, max_rank, weighting, truncation_calib, overwrite, old_adapter):
+    """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter, or a DoRA
+    adapter as the best LoRA of rank --max-rank (DoRA's ΔW is full rank)."""
     from .importer import import_peft
 
     adapter = one_of("--adapter", adapter, "a positional path", old_adapter)
     if adapter is None:
         raise SvdServeError("missing --adapter (the PEFT adapter directory)")
-    report = import_peft(adapter, base, out, initial, overwrite)
-    click.echo(f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}, written to {out}")
+    report = import_peft(adapter, base, out, initial, overwrite, max_rank, weighting, truncation_calib)
+    line = f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}"
+    if "errors" in report:
+        line += (f" (best rank-{report['max_rank']} LoRA of DoRA's ΔW), max relative error "
+                 f"{report['max_rel_error']:.3e} in {report['worst']}")
+        if report["calibrated"]:
+            line += f", max output error {report['max_output_error']:.3e}"
+    click.echo(line)
+    if "errors" in report:
+        click.echo(f"per module type (relative Frobenius errors{'; output on the calibration rows, --weighting ' + report['weighting'] if report['calibrated'] else ''}):")
+        for row in truncation_table(report["errors"]):
+            click.echo(row)
+    click.echo(f"written to {out}")
 
 
 @cli.command()
@@ -402,6 +432,32 @@ def generate(export_dir, onnx_alias, adapter, prompt, max_new_tokens, temperatur
         text = lm.generate(prompt, adapter, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     click.echo(text)
     click.echo(f"[{adapter or 'base'} on {lm.provider}]", err=True)
+
+
+@cli.command(context_settings={"show_default": True})
+@click.option("--base", required=True, type=click.Path(), help="The base every adapter was trained on (a local directory).")
+@click.option("--adapter-root", required=True, type=click.Path(),
+              help="Directory of native adapters: a request for model NAME uses DIR/NAME.")
+@click.option("--host", default="127.0.0.1", help="Address to listen on.")
+@click.option("--port", default=8000, type=int, help="Port to listen on.")
+@click.option("--served-model-name", help="The base's model name in requests (default: the base directory's name).")
+@click.option("--dtype", default="auto", help="vLLM's --dtype.")
+@click.option("--max-lora-rank", type=int, help="Default: the smallest vLLM bucket holding every adapter's rank.")
+@click.option("--max-loras", type=int, help="Adapters in one batch (default: min(adapters, 4)).")
+@click.option("--max-cpu-loras", type=int, help="Adapters cached in memory (default: max(adapters, --max-loras)).")
+@click.option("--gpu-memory-utilization", type=float,
+              help="Default: vLLM's on CUDA; on the CPU, what fits 90% of the RAM free at start.")
+@click.option("--log", "log_file", type=click.Path(), help="The server's output (default: the svd-serve log file).")
+@click.option("--timeout", default=600, type=int, help="Seconds to wait for the server to be ready.")
+@click.option("--dry-run", is_flag=True, help="Print the environment and command line, start nothing.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(base, adapter_root, log_file, timeout, dry_run, vllm_args, **options):
+    """Serve --base and every adapter in --adapter-root with vLLM's OpenAI server (extra vLLM
+    arguments after --)."""
+    from .serve import serve as run
+
+    sys.exit(run(base, adapter_root, dry_run=dry_run, log=log_file, timeout=timeout, echo=click.echo,
+                 extra=list(vllm_args), **options))
 
 
 @cli.command("demo")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import SvdServeError
-from .io import check_writable
+from .files import check_writable
 from .methods import DEFAULT_METHOD
 
 EMBEDDED = Path(__file__).parent / "data" / "tiny-knowledge"
@@ -28,7 +28,7 @@ EMBEDDED = Path(__file__).parent / "data" / "tiny-knowledge"
 def task(out: Path) -> tuple[Path, Path, list[dict], list[dict]]:
     """(base, train.jsonl, held-out rows, rows to show). Without the embedded base, a random tiny
     Llama and an addition task stand in (answers are then shown on training prompts)."""
-    from .data import read_jsonl
+    from .dataset import read_jsonl
 
     if (EMBEDDED / "demo_train.jsonl").is_file():
         test = read_jsonl(EMBEDDED / "demo_test.jsonl")
@@ -66,7 +66,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 6) -> str:
 def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 64) -> float:
     """Share of rows whose completion the model predicts token for token (teacher-forced argmax,
     which equals greedy decoding of the completion)."""
-    from .data import IGNORE, collate, encode
+    from .dataset import IGNORE, collate, encode
 
     hits = 0
     for i in range(0, len(rows), batch_size):
@@ -86,53 +86,90 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = DEF
     demo ends with a table of every step, its check and where its output is."""
     from transformers import AutoTokenizer
 
-    from . import log as logs
-    from .adapter import AdapterSet
-    from .converters import TARGETS
-    from .export import export
-    from .fold import fold
-    from .methods import get_method
     from .model import load_base
-    from .train import TrainConfig, train
 
-    out = Path(out)
+    out = _prepare_out(Path(out), steps)
+    t0 = time.time()
+    base, data, test, shown = task(out)
+    log(f"base: {base}")
+    tokenizer, model = AutoTokenizer.from_pretrained(base), load_base(base)
+    before, answers_before = _measure(model, tokenizer, test, shown)
+    adapter = _train_adapter(base, data, out, method, steps, lr, log)
+    _attach(adapter, model)
+    after, answers_after = _measure(model, tokenizer, test, shown)
+    _log_answers(shown, answers_before, answers_after, log)
+    folded, fold_gap = _fold(base, adapter, out, model, tokenizer, shown[0]["prompt"])
+    exports = _export_all(base, adapter, out, log)
+    if serve_check:
+        _serve_vllm_export(base, exports, shown, log)
+    summary = {"base": str(base), "method": method, "steps": steps, "adapter": str(adapter),
+               "accuracy_before": before, "accuracy_after": after, "eval_rows": len(test),
+               "folded": str(folded), "fold_max_logit_gap": fold_gap, "exports": exports,
+               "answers": _answers(shown, answers_before, answers_after), "seconds": round(time.time() - t0, 1)}
+    _write_summary(summary, out, "held-out" if base == EMBEDDED else "training", log)
+    return summary
+
+
+def _prepare_out(out: Path, steps: int) -> Path:
+    """Check the arguments and create ``out``: empty, new, or an earlier demo's output."""
     if steps < 1:
         raise SvdServeError("--steps must be at least 1")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").is_file())):
         raise SvdServeError(f"{out} exists and is not an earlier demo's output; choose another --out")
     check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    base, data, test, shown = task(out)
-    log(f"base: {base}")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = load_base(base)
-    before = exact_match(model, tokenizer, test)
-    answers_before = [generate(model, tokenizer, r["prompt"]) for r in shown]
+    return out
+
+
+def _measure(model, tokenizer, test: list[dict], shown: list[dict]) -> tuple[float, list[str]]:
+    """Exact match on the held-out rows, and the answers to the rows shown."""
+    return exact_match(model, tokenizer, test), [generate(model, tokenizer, r["prompt"]) for r in shown]
+
+
+def _train_adapter(base: Path, data: Path, out: Path, method: str, steps: int, lr: float, log) -> Path:
+    from .methods import get_method
+    from .training import TrainConfig, train
 
     log(f"training a {method} adapter ({steps} steps) on {data}")
-    adapter = train(TrainConfig(base=str(base), data=str(data), out=str(out / f"{method}-adapter"),
-                                method=method, targets="all-linear", steps=steps, lr=lr, batch_size=16,
-                                calib_data=str(data) if get_method(method).needs_calibration else None,
-                                overwrite=True))
-    adapters = AdapterSet.load(adapter, model)
-    adapters.attach(model)
-    after = exact_match(model, tokenizer, test)
-    answers_after = [generate(model, tokenizer, r["prompt"]) for r in shown]
+    return train(TrainConfig(base=str(base), data=str(data), out=str(out / f"{method}-adapter"),
+                             method=method, targets="all-linear", steps=steps, lr=lr, batch_size=16,
+                             calib_data=str(data) if get_method(method).needs_calibration else None,
+                             overwrite=True))
+
+
+def _attach(adapter: Path, model) -> None:
+    from .adapter import AdapterSet
+
+    AdapterSet.load(adapter, model).attach(model)
+
+
+def _log_answers(shown: list[dict], before: list[str], after: list[str], log) -> None:
+    """The answers before and after training, one question a line."""
     log("")
     log(f"{'question':56s} {'expected':10s} {'before':12s} after")
-    for r, b, a in zip(shown, answers_before, answers_after):
+    for r, b, a in zip(shown, before, after):
         q = r["prompt"].replace("\n", " ")
         log(f"{q[:56]:56s} {r['completion'].strip():10s} {b.strip()[:12]:12s} {a.strip()}")
-    held = "held-out" if base == EMBEDDED else "training"
     log("")
 
-    # fold, and compare the folded checkpoint with base + adapter
+
+def _fold(base: Path, adapter: Path, out: Path, model, tokenizer, prompt: str) -> tuple[Path, float]:
+    """Fold the adapter into ``out/folded`` and compare its logits with base + adapter (``model``)."""
+    from .fold import fold
+    from .model import load_base
+
     folded = fold(base, adapter, out / "folded", overwrite=True)  # a rerun replaces its own outputs
-    ids = torch.tensor([tokenizer(shown[0]["prompt"])["input_ids"]])
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
         adapted_logits = model(input_ids=ids).logits
         fold_gap = float((load_base(folded)(input_ids=ids).logits - adapted_logits).abs().max())
+    return folded, fold_gap
+
+
+def _export_all(base: Path, adapter: Path, out: Path, log) -> dict:
+    """Export to every registered target: each one's report, or the first line of its error."""
+    from .converters import TARGETS
+    from .export import export
 
     exports = {}
     for target in TARGETS:
@@ -144,26 +181,35 @@ def demo(out: str | Path = "svd-serve-demo", steps: int = 300, method: str = DEF
             continue
         entry = report["adapters"][Path(adapter).name]
         exports[target] = {"out": report["out"], **{k: v for k, v in entry.items() if isinstance(v, (int, float, str))}}
-    if serve_check and "out" in exports.get("vllm", {}) and importlib.util.find_spec("vllm"):
-        from .verify import verify
+    return exports
 
-        log("serving the vLLM export with vLLM (float32, base and adapter in one batch) ...")
-        exports["vllm"]["served"] = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown],
-                                           max_new_tokens=8).checks
 
-    summary = {"base": str(base), "method": method, "steps": steps, "adapter": str(adapter),
-               "accuracy_before": before, "accuracy_after": after, "eval_rows": len(test),
-               "folded": str(folded), "fold_max_logit_gap": fold_gap, "exports": exports,
-               "answers": [{"prompt": r["prompt"], "expected": r["completion"].strip(), "before": b.strip(),
-                            "after": a.strip()} for r, b, a in zip(shown, answers_before, answers_after)],
-               "seconds": round(time.time() - t0, 1)}
+def _serve_vllm_export(base: Path, exports: dict, shown: list[dict], log) -> None:
+    """Serve the vLLM export with vLLM, where it was written and vLLM is installed."""
+    if "out" not in exports.get("vllm", {}) or not importlib.util.find_spec("vllm"):
+        return
+    from .verify import verify
+
+    log("serving the vLLM export with vLLM (float32, base and adapter in one batch) ...")
+    exports["vllm"]["served"] = verify("vllm", base, exports["vllm"]["out"], [r["prompt"] for r in shown],
+                                       max_new_tokens=8).checks
+
+
+def _answers(shown: list[dict], before: list[str], after: list[str]) -> list[dict]:
+    return [{"prompt": r["prompt"], "expected": r["completion"].strip(), "before": b.strip(), "after": a.strip()}
+            for r, b, a in zip(shown, before, after)]
+
+
+def _write_summary(summary: dict, out: Path, held: str, log) -> None:
+    """Write ``out/summary.json`` and log the table of steps."""
+    from . import log as logs
+
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log("")
     for line in summary_table(summary, held, out / "summary.json"):
         log(line)
     if not logs.verbose():
         log(f"(engine logs: {logs.log_path()})")
-    return summary
 
 
 def summary_table(summary: dict, held: str, where: Path) -> list[str]:

@@ -23,7 +23,7 @@ from .adapter import AdapterSet
 from .calib import check_weighting, truncation_weights
 from .converters import ExportedAdapter, ExportJob, get_target
 from .errors import SvdServeError
-from .io import check_finite, check_out
+from .files import check_finite, check_out
 from .linalg import LowRank, factored_svd
 from .model import LowRankDelta, linear_names, load_base
 from .weights import Weights, return_freed_memory

@@ -17,7 +17,7 @@ from .adapter import delta_adapter
 from .calib import check_weighting, module_errors, truncation_weights
 from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
-from .io import check_out
+from .files import check_out
 from .linalg import LowRank
 from .model import resolve_targets
 

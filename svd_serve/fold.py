@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .adapter import AdapterSet
 from .weights import Weights, parse_size, return_freed_memory, write_folded
-from .io import atomic_dir, check_out
+from .files import atomic_dir, check_out
 
 
 def fold(base: str | Path, adapter: str | Path, out: str | Path, max_shard_size: int | str | None = None,

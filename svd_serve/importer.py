@@ -11,7 +11,16 @@ honoured):
   exactly as PEFT's init does;
 - KaSA (``kasa_config``): PEFT truncated the base's r smallest singular components, so
   ``ΔW = s·B diag(d) A − U_t diag(σ_t) V_tᵀ`` with the dropped part re-derived from the original
-  base (``linalg.minor_svd``).
+  base (``linalg.minor_svd``);
+- DoRA (``use_dora``): ``W' = diag(m / ‖V‖) V`` with ``V = W + s·B A``, ``m`` the magnitude vector and
+  ``‖V‖`` the norm of each output row, as PEFT computes it; ``ΔW = W' − W`` rescales W's rows and is
+  full rank in general. It is computed exactly (float64) and written as its best rank-K approximation
+  (``--max-rank K``, default :func:`dora_rank`; ``--weighting``/``--calib-data`` as in ``export``),
+  with every module's error reported: vLLM serves LoRA, not DoRA.
+
+A LoRA on the output head (``lm_head``) is imported where the base does not tie the head to the input
+embeddings (a ΔW on a tied head would change the embeddings too) and the head copy PEFT saves beside
+it is the base's own.
 
 The base is read one target weight at a time, and only where a module's ΔW needs it (re-derived
 initial factors or dropped components); shapes come from the checkpoint's headers.
@@ -30,9 +39,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .adapter import delta_adapter
+from .calib import check_weighting, lower_rank, module_errors, truncation_weights
 from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
-from .io import check_finite, check_out
+from .files import check_finite, check_out
 from .linalg import LowRank, leading_qr, minor_svd, top_svd
 
 
@@ -56,7 +66,7 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]]]:
         raise SvdServeError(f"{cfg_file} is corrupt: not a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise SvdServeError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA")
-    for key, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)")):
+    for key, what in (("lora_bias", "LoRA bias"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)")):
         if cfg.get(key):
             raise SvdServeError(f"{path}: {what} adapters are not supported (ΔW would not be low-rank or Linear)")
     if cfg.get("modules_to_save"):
@@ -79,17 +89,26 @@ def read_peft(path: str | Path) -> tuple[dict, dict[str, dict[str, Tensor]]]:
     modules: dict[str, dict[str, Tensor]] = {}
     copies = [k for k in raw if k.endswith(".base_layer.weight")]  # PEFT's save_embedding_layers
     for key, value in raw.items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_diag)", key)
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_diag"
+                             r"|lora_magnitude_vector(?:\.weight)?)", key)
         if match is None and key not in copies:
             raise SvdServeError(f"{path}: {unsupported(key, cfg)}")
         if match is not None:
-            modules.setdefault(match[1], {})[match[2].split(".")[0]] = value.float()
-    for key in copies:  # a copy beside a LoRA is refused with that module's reason, later; alone, here
-        if key.removeprefix(PREFIX).removesuffix(".base_layer.weight") not in modules:
+            part = "magnitude" if match[2].startswith("lora_magnitude") else match[2].split(".")[0]
+            modules.setdefault(match[1], {})[part] = value.float()
+    for key in copies:  # beside a LoRA: checked with its module, later (an untied head's is the base's); alone: refused
+        name = key.removeprefix(PREFIX).removesuffix(".base_layer.weight")
+        if name not in modules:
             raise SvdServeError(f"{path}: {unsupported(key, cfg)}")
+        modules[name]["copy"] = raw[key]
     for name, parts in modules.items():
+        if "magnitude" in parts and not cfg.get("use_dora"):
+            raise SvdServeError(f"{path}: tensor {name}.lora_magnitude_vector is not supported (a DoRA magnitude "
+                                "vector, but adapter_config.json does not set use_dora)")
         if "lora_A" not in parts or "lora_B" not in parts:
             raise SvdServeError(f"{path}: module {name} lacks lora_A or lora_B")
+        if cfg.get("use_dora") and "magnitude" not in parts:
+            raise SvdServeError(f"{path}: DoRA adapter (use_dora) without the magnitude vector of module {name}")
     return cfg, modules
 
 
@@ -104,7 +123,8 @@ def unsupported(key: str, cfg: dict) -> str:
                 "low-rank weight update and no LoRA export carries it; train with bias=\"none\"")
     if name.endswith(".base_layer.weight"):
         return (f"the adapter carries a full copy of {name.removesuffix('.base_layer.weight')} (PEFT saves one "
-                "for embedding and output-head LoRAs): svd-serve imports LoRA on the decoder's Linear layers only")
+                "for embedding and output-head LoRAs): svd-serve imports LoRA on Linear layers and an untied "
+                "output head only")
     return f"tensor {name} is not supported (only lora_A, lora_B, lora_diag of Linear layers)"
 
 
@@ -176,14 +196,70 @@ def module_delta(cfg: dict, name: str, parts: dict[str, Tensor], shape: tuple[in
     return LowRank(torch.cat([a, a0]), torch.cat([b * s, b0 * -s], 1))
 
 
+def check_head(ckpt: Weights, name: str, parts: dict[str, Tensor]) -> None:
+    """A LoRA on the output head is imported where the head is untied and the adapter's copy of the
+    head (PEFT saves one) is the base's own."""
+    if getattr(ckpt.config, "tie_word_embeddings", True):
+        raise SvdServeError(f"module {name} of the PEFT adapter is the output head, which this base ties to the "
+                            "input embeddings (tie_word_embeddings): a ΔW on it would change the embeddings too; "
+                            "fold it with PEFT's merge_and_unload")
+    copy = parts.get("copy")
+    if copy is not None and not torch.equal(copy.float(), ckpt.weight(name).float()):
+        raise SvdServeError(f"module {name}: the adapter's copy of the output head differs from the base's: "
+                            "the adapter belongs to another base (or changed the head)")
+
+
+def dora_delta(weight: Tensor, parts: dict[str, Tensor], s: float) -> Tensor:
+    """DoRA's exact ``ΔW = diag(m / ‖V‖) V − W``, ``V = W + s·B A``, ``‖V‖`` per output row (float64)."""
+    w = weight.double()
+    v = w + s * (parts["lora_B"].double() @ parts["lora_A"].double())
+    return (parts["magnitude"].double() / torch.linalg.vector_norm(v, dim=1))[:, None] * v - w
+
+
+def dora_rank(r: int) -> int:
+    """The default ``--max-rank`` of a DoRA import: ``2r``. ``r`` components hold ``s·B A`` (rescaled);
+    the rest of ΔW, the row rescaling ``diag(m/‖V‖ − 1) W``, is full rank with a slowly decaying
+    spectrum, so each further component buys little: ``r`` more take its largest part at twice the
+    adapter's serving rank (a vLLM ``--max-lora-rank`` value for every power-of-two ``r``)."""
+    return 2 * r
+
+
+def check_dora(cfg: dict, modules: dict[str, dict[str, Tensor]], max_rank: int | None) -> None:
+    """What a DoRA import cannot take: a rank below 1, an init that changed the base, a magnitude
+    vector of the wrong length."""
+    if max_rank is not None and max_rank < 1:
+        raise SvdServeError(f"--max-rank must be at least 1, not {max_rank}")
+    init = cfg.get("init_lora_weights", True)
+    if cfg.get("kasa_config") is not None or init not in PLAIN_INITS:
+        raise SvdServeError(f"DoRA with {'KaSA' if cfg.get('kasa_config') else f'init_lora_weights={init!r}'} "
+                            "is not supported (only DoRA on an unchanged base)")
+    for name, parts in modules.items():
+        if parts["magnitude"].shape != parts["lora_B"].shape[:1]:
+            raise SvdServeError(f"module {name}: the DoRA magnitude vector has shape {list(parts['magnitude'].shape)}, "
+                                f"lora_B has {parts['lora_B'].shape[0]} output rows: the adapter is corrupt")
+
+
 def import_peft(path: str | Path, base: str | Path, out: str | Path,
-                initial: str | Path | None = None, overwrite: bool = False) -> dict:
-    """PEFT adapter at ``path`` (trained on ``base``) → native adapter at ``out``; returns a report."""
-    inputs = [path, base, initial]
+                initial: str | Path | None = None, overwrite: bool = False, max_rank: int | None = None,
+                weighting: str = "none", calib_data: str | Path | None = None) -> dict:
+    """PEFT adapter at ``path`` (trained on ``base``) → native adapter at ``out``; returns a report.
+
+    ``max_rank``, ``weighting`` and ``calib_data`` are for DoRA adapters (module docstring): with
+    ``calib_data`` the truncation statistics are those of the base with DoRA's exact ΔW added
+    (:func:`svd_serve.calib.truncation_weights`; loads the model), and every module's output error on
+    those rows is reported."""
+    inputs = [path, base, initial, calib_data]
     check_out(out, inputs, overwrite)
     cfg, modules = read_peft(path)
     init = cfg.get("init_lora_weights", True)
     kasa = cfg.get("kasa_config") is not None
+    dora = bool(cfg.get("use_dora"))
+    if not dora and (max_rank is not None or calib_data is not None or weighting != "none"):
+        raise SvdServeError("--max-rank, --weighting and --calib-data are for DoRA adapters (a full-rank ΔW); "
+                            "this adapter imports exactly: lower its rank at export with --max-rank")
+    if dora:
+        check_dora(cfg, modules, max_rank)
+        check_weighting(weighting, calib_data, True)
     if not kasa and init not in PLAIN_INITS and init not in RESIDUAL_INITS and not str(init).startswith("pissa"):
         raise SvdServeError(f"init_lora_weights={init!r} is not supported"
                             + (" (LoftQ quantizes the base: ΔW against the original base is unknown)"
@@ -198,16 +274,41 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
         if name not in linear:
             raise SvdServeError(f"module {name} of the PEFT adapter is not a Linear layer of this base")
         if linear[name] is head:
-            raise SvdServeError(f"module {name} of the PEFT adapter is the output head: svd-serve adapts the "
-                                "decoder's Linear layers only (vLLM serves no LoRA on the head, and a tied head "
-                                "shares its weight with the input embeddings); fold it with PEFT's merge_and_unload")
+            check_head(ckpt, name, parts)
+        elif "copy" in parts:
+            raise SvdServeError(f"{path}: {unsupported(name + '.base_layer.weight', cfg)}")
         if init_modules is not None and name not in init_modules:
             raise SvdServeError(f"module {name} is missing from the --initial adapter")
-        factors[name] = module_delta(cfg, name, parts, ckpt.weight_info(name).shape,
-                                     lambda name=name: ckpt.weight(name).float(),
+        shape = ckpt.weight_info(name).shape
+        if dora:
+            module_delta(cfg, name, parts, shape, lambda: None, None)  # the rank and shape checks
+            factors[name] = LowRank.of_dense(dora_delta(ckpt.weight(name), parts, scaling(cfg, name)))
+            continue
+        factors[name] = module_delta(cfg, name, parts, shape, lambda name=name: ckpt.weight(name).float(),
                                      init_modules[name] if init_modules is not None else None)
     order = [n for n in linear if n in factors]
+    report = {}
+    if dora:
+        factors, report = truncate_dora(cfg, {n: factors[n] for n in order}, base, max_rank, weighting, calib_data)
     adapters = delta_adapter({n: factors[n] for n in order}, ckpt.architecture, ckpt.fingerprint(order), str(base))
     adapters.save(out, inputs, overwrite)
-    kind = "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
-    return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out)}
+    kind = "dora" if dora else "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
+    return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out), **report}
+
+
+def truncate_dora(cfg: dict, deltas: dict[str, LowRank], base: str | Path, max_rank: int | None, weighting: str,
+                  calib_data: str | Path | None) -> tuple[dict[str, LowRank], dict]:
+    """Each DoRA module's exact ΔW at its rank (``max_rank``, else :func:`dora_rank` of its ``r``), in
+    the weighting of ``calib_data``; the factors and the report's errors."""
+    stats = truncation_weights(weighting, calib_data, base, list(deltas), deltas)
+    lowered = {}
+    for name, delta in deltas.items():
+        rank = max_rank or dora_rank(pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
+        lowered[name] = lower_rank(stats, name, delta, rank)
+    errors = module_errors(lowered)
+    worst = max(errors, key=lambda n: errors[n][0])
+    report = {"max_rank": max_rank or "2r", "weighting": weighting, "errors": errors, "worst": worst,
+              "max_rel_error": errors[worst][0], "calibrated": stats is not None}
+    if stats is not None:
+        report["max_output_error"] = max(e[1] for e in errors.values())
+    return {n: c.factors.float() for n, c in lowered.items()}, report

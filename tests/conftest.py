@@ -95,3 +95,12 @@ def env(tiny_model):
         return cache[arch]
 
     return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many ``gpu`` tests did not run, and why: a skip is never a pass."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "gpu" in getattr(r, "keywords", {})]
+    if skipped:
+        reasons = sorted({str(r.longrepr[2]).removeprefix("Skipped: ") if isinstance(r.longrepr, tuple) else "skipped"
+                          for r in skipped})
+        terminalreporter.write_line(f"GPU tests: {len(skipped)} did not run ({'; '.join(reasons)})")

@@ -21,7 +21,7 @@ from svd_serve.methods import METHODS
 from svd_serve.model import load_base, resolve_targets
 
 # max |Δ logits| accepted when comparing two computations of the same model, by dtype (as vLLM's LoRA tests)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+MAX_LOGIT_GAP = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def digest(path: str | Path) -> dict[str, str]:
@@ -113,12 +113,14 @@ def make_adapter(base, out, method: str = "lora", rank: int = 4, targets: str = 
 
     model = load_base(base)
     names = resolve_targets(model, targets)
-    stats = None
-    if METHODS[method].needs_calibration:
-        rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
-        stats = calibrate(METHODS[method].statistic, model, names, rows, AutoTokenizer.from_pretrained(base))
-    adapters = AdapterSet.create(model, method, sweep_options(method, rank=rank), names, targets, stats,
-                                 progress=False)
+    opts = sweep_options(method, rank=rank)
+    rows = [{"text": f"calibration sentence number {i} about adapters"} for i in range(8)]
+
+    def calibration(statistic: str):
+        return calibrate(statistic, model, names, rows, AutoTokenizer.from_pretrained(base))
+
+    adapters = AdapterSet.fresh(model, method, opts, names, targets,
+                                calibration if METHODS[method].needs_calibration_for(opts) else None, progress=False)
     perturb(adapters, seed, scale)
     return adapters.save(out)
 
@@ -157,7 +159,52 @@ def create(e: Env, method: str, rank: int = 4, **options) -> tuple[torch.nn.Modu
     method has one)."""
     model = copy.deepcopy(e.model)
     opts = make_options(method, **{**vars(sweep_options(method, rank=rank)), **options})
-    stats = {"covariance": e.covs, "fisher": e.fisher}[METHODS[method].statistic] if METHODS[method].needs_calibration_for(opts) else None
-    adapters = AdapterSet.create(model, method, opts, e.targets, "all-linear", stats, base_model=str(e.path),
-                                 progress=False)
+    statistics = {"covariance": e.covs, "fisher": e.fisher}
+    adapters = AdapterSet.fresh(model, method, opts, e.targets, "all-linear",
+                                statistics.get if METHODS[method].needs_calibration_for(opts) else None,
+                                base_model=str(e.path), progress=False)
     return adapters.attach(model), adapters
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc, url: str, log: Path, timeout: float = 300) -> None:
+    """Wait until the server process ``proc`` answers ``url``/health (its log's end if it dies first)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "server did not start"
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5)
+            return
+        except OSError:
+            time.sleep(1)
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@torch.no_grad()
+def copy_into_peft(peft_model, adapters: AdapterSet, method: str) -> None:
+    """Give the PEFT model's LoRA layers the factors (and KaSA's diagonal) of ``adapters``."""
+    for name, layer in adapters.items():
+        lora = peft_model.base_model.model.get_submodule(name)
+        lora.lora_A["default"].weight.copy_(layer.A)
+        lora.lora_B["default"].weight.copy_(layer.B)
+        if method == "kasa":
+            lora.lora_diag["default"].copy_(layer.d)

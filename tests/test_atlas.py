@@ -12,11 +12,11 @@ from helpers import one_error, write_jsonl
 
 from svd_serve.adapter import AdapterSet
 from svd_serve.atlas import AtlasSettings, combination, learn
-from svd_serve.data import collate, encode
+from svd_serve.dataset import collate, encode
 from svd_serve.linalg import LowRank
 from svd_serve.merge import merge
 from svd_serve.model import fingerprint, linear_names, load_base
-from svd_serve.train import TrainConfig, loss_sum, train
+from svd_serve.training import TrainConfig, loss_sum, train
 
 SPECS = {"add": ("lora", "q_proj,v_proj", "plus", lambda a, b: a + b),
          "mul": ("pissa", "v_proj,o_proj", "times", lambda a, b: a * b)}

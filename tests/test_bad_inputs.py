@@ -27,7 +27,7 @@ import torch
 from helpers import digest, invoke, one_error
 from safetensors.torch import load_file, save_file
 
-from svd_serve.train import PATH_FIELDS, TrainConfig
+from svd_serve.training import PATH_FIELDS, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ PEFTS = {
     "peft_json_list": ["adapter_config.json is corrupt", "not a JSON object"],
     "peft_json_latin1": ["adapter_config.json is corrupt"],
     "peft_ia3": ["peft_type 'IA3' is not supported"],
-    "peft_dora": ["DoRA adapters are not supported"],
+    "peft_dora": ["DoRA adapter (use_dora) without the magnitude vector"],
     "peft_modules_to_save": ["modules_to_save"],
     "peft_loftq": ["loftq", "LoftQ quantizes the base"],
     "peft_embedding": ["model.embed_tokens is an embedding with a LoRA"],
@@ -263,7 +263,7 @@ PEFTS = {
     "peft_base_copy": ["carries a full copy of model.norm"],
     "peft_unknown_tensor": ["tensor model.layers.0.mlp.up_proj.lora_magnitude_vector is not supported"],
     "peft_no_lora_b": ["lacks lora_A or lora_B"],
-    "peft_head": ["lm_head", "is the output head"],
+    "peft_head": ["lm_head", "copy of the output head differs from the base's"],
     "peft_rank_mismatch": ["lora_A has rank 4", "r = 8"],
     "peft_other_shape": ["does not match the base weight"],
     "peft_not_linear": ["model.norm of the PEFT adapter is not a Linear layer"],
@@ -342,7 +342,7 @@ CONFIGS = {  # whole files that are not a config
 
 
 def setting_kind(name: str):
-    from svd_serve.methods.base import field_kind
+    from svd_serve.schema import field_kind
 
     if name in PATH_FIELDS:
         return "path"
@@ -538,6 +538,9 @@ def build_pefts(root: Path, base: Path) -> dict[str, Path]:
     _edit_json(variant_of("peft_rank_mismatch") / cfg, r=8)
     _edit_json(variant_of("peft_ia3") / cfg, peft_type="IA3")
     _edit_json(variant_of("peft_dora") / cfg, use_dora=True)
+    # an untied head is imported; one whose saved copy is not the base's head is refused
+    _edit_tensors(out["peft_head"] / weights,
+                  lambda t: t.update({k: v + 1 for k, v in t.items() if "lm_head" in k and "lora" not in k}))
     _edit_json(variant_of("peft_modules_to_save") / cfg, modules_to_save=["lm_head"])
     _edit_json(variant_of("peft_loftq") / cfg, init_lora_weights="loftq")
     _truncate(variant_of("peft_trunc") / weights)
@@ -721,7 +724,7 @@ def test_rows_without_a_target_are_counted(run_cli, tiny_model, qa_data, tmp_pat
 
 def test_a_library_config_is_checked_like_a_file(tiny_model, qa_data, tmp_path):
     from svd_serve.errors import SvdServeError
-    from svd_serve.train import train
+    from svd_serve.training import train
 
     for bad, message in (({"steps": "3.5"}, "option steps must be an integer, not '3.5'"),
                          ({"steps": 1.5}, "option steps must be an integer, not 1.5"),
@@ -735,7 +738,7 @@ def test_a_library_config_is_checked_like_a_file(tiny_model, qa_data, tmp_path):
 
 
 def test_a_byte_order_mark_is_not_an_error(tmp_path):
-    from svd_serve.data import read_jsonl, where
+    from svd_serve.dataset import read_jsonl, where
 
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n\n{"text": "two"}\n')

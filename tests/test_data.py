@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from svd_serve.data import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
+from svd_serve.dataset import IGNORE, Example, collate, collate_packed, encode, pack, read_jsonl, split
 from svd_serve.errors import SvdServeError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE
+from helpers import MAX_LOGIT_GAP
 
 from svd_serve.converters import TARGETS
 from svd_serve.demo import EMBEDDED, demo
@@ -52,7 +52,7 @@ def test_reduced_demo(tmp_path, run_cli):
     from transformers import AutoTokenizer
 
     from svd_serve.adapter import AdapterSet
-    from svd_serve.data import read_jsonl
+    from svd_serve.dataset import read_jsonl
     from svd_serve.demo import exact_match
     from svd_serve.model import load_base
 
@@ -75,11 +75,11 @@ def test_reduced_demo(tmp_path, run_cli):
         assert exact_match(model, tok, test[::10]) == greedy_exact_match(model, tok, test[::10])
     assert (out / "kasa-adapter" / "svd_adapter.json").is_file()
     assert (out / "folded" / "config.json").is_file()
-    assert summary["fold_max_logit_gap"] < TOLERANCE[torch.float32]
+    assert summary["fold_max_logit_gap"] < MAX_LOGIT_GAP[torch.float32]
     assert set(summary["exports"]) == set(TARGETS)
     for target, entry in summary["exports"].items():
         assert "error" not in entry, (target, entry)
-        assert entry["max_logit_gap"] < TOLERANCE[torch.float32], target
+        assert entry["max_logit_gap"] < MAX_LOGIT_GAP[torch.float32], target
         assert entry["max_rel_error"] == 0
         assert f"export {target}" in text
     # an earlier demo's output may be overwritten, anything else may not

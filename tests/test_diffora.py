@@ -17,7 +17,7 @@ from svd_serve.adapter import AdapterConfig, AdapterSet, make_options
 from svd_serve.errors import SvdServeError
 from svd_serve.export import export
 from svd_serve.methods.diffora import DiffoRA
-from svd_serve.train import TrainConfig, train
+from svd_serve.training import TrainConfig, train
 
 SHAPES = [(12, 8), (8, 12), (10, 10), (16, 6), (9, 7)]
 

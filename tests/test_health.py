@@ -1,4 +1,4 @@
-"""The init health check of ``svd-serve train`` (``svd_serve.health``), and activation-aware minor
+"""The init health check of ``svd-serve train`` (``svd_serve.training.health``), and activation-aware minor
 components (``-o select=activation``) on the real SmolLM2-135M-Instruct: there plain KaSA on the default
 targets breaks the model before the first step, and the check refuses it."""
 
@@ -13,9 +13,9 @@ import torch
 from helpers import one_error, write_jsonl
 
 from svd_serve.errors import SvdServeError
-from svd_serve.health import parse_limit
+from svd_serve.training import parse_limit
 from svd_serve.methods import METHODS
-from svd_serve.train import TrainConfig, load_config, train
+from svd_serve.training import TrainConfig, load_config, train
 
 DATA = Path(__file__).parent / "data"
 EXACT_ZERO = {"lora", "delta", "svf", "svfit", "salt"}  # ΔW_init = 0 exactly
@@ -69,8 +69,8 @@ def test_exact_inits_show_no_change(method, tiny_model, qa_data, tmp_path):
 def test_limit_option_refuses_and_allows(tiny_model, qa_data, tmp_path, run_cli):
     """KaSA at a high rank on the tiny model changes the loss a little; limits below and above that
     increase refuse and allow the run, and ``off`` and ``0`` never refuse."""
-    args = ["train", "--base", tiny_model("llama"), "--data", qa_data, "--method", "kasa", "--rank", 24,
-            "--targets", "all-linear", "--steps", 1, "--no-progress"]
+    args = ["train", "--base", tiny_model("llama"), "--data", qa_data, "--method", "kasa", "-o", "select=weight",
+            "--rank", 24, "--targets", "all-linear", "--steps", 1, "--no-progress"]
     code, output = run_cli(*args, "--out", tmp_path / "off", "--max-init-loss-increase", "off")
     assert code == 0, output
     check = init_record(tmp_path / "off")
@@ -105,7 +105,7 @@ def smol():
     from transformers import AutoTokenizer
 
     from svd_serve.calib import input_covariances
-    from svd_serve.data import encode, read_jsonl
+    from svd_serve.dataset import encode, read_jsonl
     from svd_serve.model import load_base, resolve_targets
     from svd_serve.realmodel import smollm2
 
@@ -120,9 +120,9 @@ def smol():
 
 def smol_check(smol, method: str, **options):
     from svd_serve.adapter import AdapterSet, make_options
-    from svd_serve.health import check_init
+    from svd_serve.training import check_init
     from svd_serve.model import absorb_frozen
-    from svd_serve.train import loss_sum
+    from svd_serve.training import loss_sum
 
     _, base, tok, targets, covs, examples = smol
     model = copy.deepcopy(base)
@@ -138,12 +138,24 @@ def smol_check(smol, method: str, **options):
 
 def test_smollm2_plain_kasa_is_refused(smol, tmp_path, run_cli):
     data = write_jsonl(tmp_path / "chat.jsonl", [json.loads(line) for line in (DATA / "chat-eval.jsonl").open()][:4])
-    args = ["train", "--base", smol[0], "--data", data, "--method", "kasa", "--rank", 8, "--steps", 1, "--batch-size", 4,
-            "--out", tmp_path / "o", "--no-progress"]
+    args = ["train", "--base", smol[0], "--data", data, "--method", "kasa", "-o", "select=weight", "--rank", 8,
+            "--steps", 1, "--batch-size", 4, "--out", tmp_path / "o", "--no-progress"]
     code, output = run_cli(*args)
     one_error(code, output, "the kasa init raises the loss on 4 rows",
               "it changes the output of v_proj")  # the worst module type first
     assert not (tmp_path / "o").exists()
+
+
+def test_smollm2_default_kasa_trains(smol, tmp_path, run_cli):
+    """The quick start: KaSA with its default options and no --calib-data drops the part of least output
+    energy on the training rows, which keeps the loss within the default limit; it trains."""
+    data = write_jsonl(tmp_path / "chat.jsonl", [json.loads(line) for line in (DATA / "chat-eval.jsonl").open()][:4])
+    code, output = run_cli("train", "--base", smol[0], "--data", data, "--method", "kasa", "--rank", 8, "--steps", 1,
+                           "--batch-size", 4, "--out", tmp_path / "o", "--no-progress")
+    assert code == 0, output
+    check = init_record(tmp_path / "o")
+    assert check["rows"] == 4 and abs(check["increase"]) < check["limit"] == 0.05
+    assert max(c for n, c in check["modules"].items() if n.endswith("v_proj")) < 0.05
 
 
 def test_smollm2_activation_aware_kasa_keeps_the_base(smol):
@@ -151,7 +163,7 @@ def test_smollm2_activation_aware_kasa_keeps_the_base(smol):
     nats; the activation-aware choice drops the part of least output energy on the calibration rows
     (less than the plain minor components in every module) and keeps the loss within the default limit."""
     _, _, _, targets, covs, _ = smol
-    plain, plain_adapters = smol_check(smol, "kasa")
+    plain, plain_adapters = smol_check(smol, "kasa", select="weight")
     aware, aware_adapters = smol_check(smol, "kasa", select="activation")
     assert plain.increase > 1.0
     assert abs(aware.increase) < 0.05 and aware.increase < plain.increase

@@ -49,7 +49,7 @@ def test_plot_every_method(method, tiny_model, tmp_path, run_cli):
 
 def test_spectra_match_folded_model(tiny_model, tmp_path):
     """σ(W+ΔW) equals the spectrum of the folded weight; Δσ and energies follow from it."""
-    from svd_serve.inspect import inspect
+    from svd_serve.inspection import inspect
 
     base = tiny_model("llama")
     path = make_adapter(base, tmp_path / "pissa", "pissa", seed=1)
@@ -69,7 +69,7 @@ def test_spectra_match_folded_model(tiny_model, tmp_path):
 
 
 def test_without_base_and_truncated(tiny_model, tmp_path, run_cli):
-    from svd_serve.inspect import inspect
+    from svd_serve.inspection import inspect
 
     base = tiny_model("llama")
     path = make_adapter(base, tmp_path / "kasa", "kasa")

@@ -30,7 +30,7 @@ import pytest
 from helpers import digest, invoke, make_adapter, max_diff, one_error
 
 CTX = multiprocessing.get_context("forkserver")
-CTX.set_forkserver_preload(["helpers", "svd_serve.cli", "svd_serve.train", "svd_serve.fold", "svd_serve.merge",
+CTX.set_forkserver_preload(["helpers", "svd_serve.cli", "svd_serve.training", "svd_serve.fold", "svd_serve.merge",
                             "svd_serve.export", "svd_serve.importer", "svd_serve.extract",
                             "transformers.models.llama.modeling_llama"])
 POINTS = ("write", "aside", "commit")

@@ -338,7 +338,7 @@ def test_add_low_rank_rounds_the_exact_sum_once(dtype, scratch):
 def test_nonfinite_counts_only_real_nan_and_inf():
     """A tensor whose plain sum overflows its dtype (finite values) is finite; one NaN or infinity is
     found and counted, in every float dtype."""
-    from svd_serve.io import nonfinite
+    from svd_serve.files import nonfinite
 
     big = torch.full((64, 64), 60000.0, dtype=torch.float16)  # sum far beyond float16's 65504
     assert not torch.isfinite(big.sum()) and nonfinite([("big", big)]) is None

@@ -137,7 +137,7 @@ class Counting(LoRA):
 
 
 def test_the_hook_runs_for_every_layer_after_every_update(tiny_model, qa_data, tmp_path, monkeypatch):
-    from svd_serve.train import TrainConfig, train
+    from svd_serve.training import TrainConfig, train
 
     monkeypatch.setitem(METHODS, "counting", Counting)
     out = train(TrainConfig(base=str(tiny_model("llama")), data=str(qa_data), out=str(tmp_path / "o"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Env, create, gap, logits, perturb
+from helpers import Env, copy_into_peft, create, gap, logits, perturb
 
 RANK, ALPHA = 4, 8.0  # scale 2 on both sides
 TOL = 1e-4
@@ -111,13 +111,7 @@ def test_same_as_peft(method, env, tmp_path):
     assert method in ("lora", "kasa") or compared > 0
 
     perturb(ours)
-    with torch.no_grad():
-        for name, layer in ours.items():
-            lora = theirs.base_model.model.get_submodule(name)
-            lora.lora_A["default"].weight.copy_(layer.A)
-            lora.lora_B["default"].weight.copy_(layer.B)
-            if method == "kasa":
-                lora.lora_diag["default"].copy_(layer.d)
+    copy_into_peft(theirs, ours, method)
     adapted = logits(model, e.ids)
     assert gap(adapted, e.base_logits) > 1e-2
     assert gap(logits(theirs, e.ids), adapted) <= TOL

@@ -13,8 +13,8 @@ import torch
 from helpers import adapter_tensors, max_diff
 
 from svd_serve.errors import SvdServeError
-from svd_serve.train import TrainConfig, global_batch, load_config, lr_at
-from svd_serve.train import train as run_train
+from svd_serve.training import TrainConfig, global_batch, load_config, lr_at
+from svd_serve.training import train as run_train
 
 
 def cfg(tiny_model, data, out, **kw) -> TrainConfig:
@@ -81,10 +81,10 @@ def test_packed_and_padding_free_rows_give_the_padded_loss_and_gradients(tiny_mo
     from transformers import AutoTokenizer
 
     from svd_serve.adapter import AdapterSet, make_options
-    from svd_serve.data import collate, collate_flat, collate_packed, encode
-    from svd_serve.model import load_base, resolve_targets, sdpa_attention
+    from svd_serve.dataset import collate, collate_flat, collate_packed, encode
+    from svd_serve.model import load_base, resolve_targets
     from svd_serve.tiny import CORPUS
-    from svd_serve.train import batching, loss_sum
+    from svd_serve.training import batching, loss_sum, sdpa_attention
 
     model, tok = load_base(tiny_model(arch)), AutoTokenizer.from_pretrained(tiny_model(arch))
     examples = [encode({"text": t}, tok, 128) for t in [" ".join(CORPUS[:4]), *CORPUS[4:10]]]
@@ -135,10 +135,11 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
     import transformers
 
     from svd_serve.adapter import AdapterSet, make_options
-    from svd_serve.data import IGNORE, Example, collate, collate_flat, collate_packed
-    from svd_serve.model import load_base, resolve_targets, sdpa_attention
+    from svd_serve.dataset import IGNORE, Example, collate, collate_flat, collate_packed
+    from svd_serve.model import load_base, resolve_targets
     from svd_serve.tiny import build_tiny_model
-    from svd_serve.train import _logits, loss_sum
+    from svd_serve.training import logits as head_logits
+    from svd_serve.training import loss_sum, sdpa_attention
 
     if arch == "gemma2-softcap":
         config = transformers.Gemma2Config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -173,7 +174,7 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
             if route == "targets":
                 ce, n = loss_sum(model, batch)
             else:
-                logits = _logits(model, batch, "cpu", nullcontext)
+                logits = head_logits(model, batch, "cpu", nullcontext)
                 ce, n = F.cross_entropy(logits[:, :-1][targets], labels[targets], reduction="sum"), targets.sum()
             ce.backward()
             grads.append((ce.detach(), n, {k: p.grad.clone() for k, p in adapters.named_parameters()}))
@@ -183,7 +184,7 @@ def test_head_at_target_positions_gives_the_loss_and_gradients_of_all_logits(tin
         for k in g_a:
             assert (g_t[k] - g_a[k]).abs().max() <= 1e-5 * g_a[k].abs().max(), k
     if arch == "gemma2-softcap":  # the cap really acts: the logits are bounded by it
-        assert _logits(model, batch, "cpu", nullcontext).abs().max() < 2.0
+        assert head_logits(model, batch, "cpu", nullcontext).abs().max() < 2.0
 
 
 def test_float32_attention_in_bfloat16_runs(tiny_model):
@@ -191,14 +192,14 @@ def test_float32_attention_in_bfloat16_runs(tiny_model):
     under autocast) and the logits stay within bfloat16's tolerance of the float32 model's."""
     import functools
 
-    import svd_serve.model as sm
-    from svd_serve.model import FLOAT32_SDPA, load_base, sdpa_attention
+    from svd_serve.model import load_base
+    from svd_serve.training.attention import FLOAT32_SDPA, padding_free_sdpa, sdpa_attention
 
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = load_base(tiny_model("llama"))(input_ids=ids).logits.detach()
     model = load_base(tiny_model("llama"), torch.bfloat16)
     seen = []
-    inner = functools.partial(sm._sdpa, float32=True)
+    inner = functools.partial(padding_free_sdpa, float32=True)
 
     def spy(module, query, key, value, mask, **kwargs):
         seen.append(query.dtype)
@@ -231,7 +232,7 @@ def test_bfloat16_keeps_adapter_float32(tiny_model, qa_data, tmp_path):
 KILLER = """
 import os, signal, sys
 import torch
-import svd_serve.checkpoint as c
+import svd_serve.training.checkpoint as c
 
 save = c.save
 def save_then_die(out, adapters, state, keep):

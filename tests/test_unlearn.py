@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from helpers import max_diff, one_error, write_jsonl
 
 from svd_serve.calib import calibrate, fisher_rows, relative_fisher
-from svd_serve.data import IGNORE, encode
-from svd_serve.train import TrainConfig, inverted_hinge
-from svd_serve.train import train as run_train
+from svd_serve.dataset import IGNORE, encode
+from svd_serve.training import TrainConfig, inverted_hinge
+from svd_serve.training import train as run_train
 
 STEPS, LR, UNSEEN_DROP = 60, 3e-3, 0.2  # measured: see the README (tiny-knowledge)
 
@@ -136,8 +136,8 @@ def knowledge(tmp_path_factory):
 def answer_stats(model, tokenizer, rows) -> tuple[float, float]:
     """(exact match of the greedy answer, mean cross-entropy of the answer tokens) over recall rows."""
     from svd_serve.demo import exact_match
-    from svd_serve.data import collate
-    from svd_serve.train import loss_sum
+    from svd_serve.dataset import collate
+    from svd_serve.training import loss_sum
 
     batch = collate([encode(r, tokenizer, 128) for r in rows], tokenizer.pad_token_id)
     batch["labels"][batch["labels"] == tokenizer.eos_token_id] = IGNORE  # the facts, not the end of text

@@ -49,7 +49,7 @@ def test_a_new_target_is_one_file_and_one_line(tiny_model, tmp_path, monkeypatch
     (tmp_path / "npz_target.py").write_text(
         "import numpy as np\n"
         "from svd_serve.converters import Target\n"
-        "from svd_serve.io import atomic_dir\n"
+        "from svd_serve.files import atomic_dir\n"
         "class NpzTarget(Target):\n"
         "    name = 'npz'\n"
         "    help = 'factors in one .npz'\n"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_adapter, one_error, scratch_env
+from helpers import free_port, make_adapter, one_error, scratch_env, stop_server, wait_healthy
 
 from svd_serve.adapter import AdapterSet
 from svd_serve.converters import ExportedAdapter, ExportJob
@@ -50,12 +49,6 @@ def setup(tmp_path_factory):
             "report": report, "model": model}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -80,7 +73,7 @@ def serving(setup, tokenizer_ids):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(setup["base"]),
          "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "4", "--max-cpu-loras", "8",
+         "--enforce-eager", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--max-cpu-loras", "8",
          "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20),
          "--lora-modules", f"kasa-static={exp / 'kasa'}"],
         env=server_env, stdout=log, stderr=subprocess.STDOUT)
@@ -96,22 +89,10 @@ def serving(setup, tokenizer_ids):
         if out.returncode in (0, 1):
             offline["report"] = json.loads((tmp / "verify.json").read_text())["checks"]
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not start"
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5)
-                break
-            except OSError:
-                time.sleep(1)
+        wait_healthy(proc, url, tmp / "server.log")
         yield {"url": url, "offline": offline, "log": tmp / "server.log", "ids": tokenizer_ids}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 
@@ -142,9 +123,9 @@ def test_export_layout_and_command(setup, run_cli, tmp_path):
     assert code == 0, out
     serve = json.loads((tmp_path / "e" / "serve.json").read_text())
     ranks = [serve["adapters"][n]["rank"] for n in ("kasa", "pissa")]
-    assert serve["max_lora_rank"] == conv.max_lora_rank(max(ranks)) and serve["max_loras"] == 3
+    assert serve["max_lora_rank"] == conv.max_lora_rank(max(ranks)) and serve["max_loras"] == 2  # every slot taken: no spare slot for base requests
     line = next(l for l in out.splitlines() if l.startswith("python -m vllm.entrypoints.openai.api_server"))
-    assert "--max-loras 3" in line and f"--max-lora-rank {serve['max_lora_rank']}" in line
+    assert "--max-loras 2" in line and f"--max-lora-rank {serve['max_lora_rank']}" in line
     assert f"kasa={tmp_path.resolve() / 'e' / 'kasa'}" in line
     for name, r in zip(("kasa", "pissa"), ranks):
         cfg = json.loads((tmp_path / "e" / name / "adapter_config.json").read_text())
@@ -158,7 +139,7 @@ def test_export_truncated_reports_errors(setup, run_cli, tmp_path):
     serve = json.loads((tmp_path / "e" / "serve.json").read_text())
     errors = serve["adapters"]["kasa"]["rel_error"]
     assert serve["adapters"]["kasa"]["rank"] == 2 and len(errors) == 14 and min(errors.values()) > 0
-    assert "largest error" in out and serve["max_lora_rank"] == 8 and serve["max_loras"] == 2
+    assert "largest error" in out and serve["max_lora_rank"] == 8 and serve["max_loras"] == 1
 
 
 def fake_job(arch="LlamaForCausalLM", module="model.layers.0.self_attn.q_proj", rank=4, name="a"):
@@ -255,6 +236,31 @@ def test_server_static_dynamic_and_resolved(setup, serving):
 
 
 @pytest.mark.vllm
+def test_server_base_requests_right_with_every_slot_taken(setup, serving):
+    """One LoRA slot, four adapters (an export by --lora-modules, two native ones through the plugin, one
+    loaded at run time): base and adapter requests at once, so that base requests share batches with
+    adapter requests while the slot is taken. Every answer is its own model's, the base's too."""
+    url, ids, expected = serving["url"], serving["ids"], serving["offline"]["report"]
+    want = {"base": expected["(base)"]["tokens"], "kasa-static": expected["kasa"]["tokens"],
+            "kasa": expected["kasa"]["tokens"], "pissa": expected["pissa"]["tokens"]}
+    jobs = [(name, k) for _ in range(3) for name in want for k in range(len(ids))]
+    results = {}
+
+    def ask(j):
+        name, k = jobs[j]
+        results[j] = tokens_of(url, name, ids[k])
+
+    threads = [threading.Thread(target=ask, args=(j,)) for j in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wrong = [jobs[j] for j in range(len(jobs)) if results.get(j) != want[jobs[j][0]][jobs[j][1]]]
+    assert not wrong, wrong
+    assert "corrected in this process" in serving["log"].read_text()
+
+
+@pytest.mark.vllm
 def test_server_resolver_refuses_escapes_and_survives_corrupt(setup, serving):
     url, ids, tmp = serving["url"], serving["ids"], setup["tmp"]
     outside = tmp / "outside"
@@ -320,11 +326,21 @@ def test_conversion_checks_the_served_base(setup, tmp_path):
 
 def test_register_is_light_and_off_without_root(tmp_path):
     code = ("import sys; from svd_serve.converters import vllm_plugin as p; p.register(); "
-            "print(sorted(m for m in ('vllm', 'transformers', 'svd_serve.adapter', 'svd_serve.export') "
+            "print(sorted(m for m in ('vllm.lora.resolver', 'transformers', 'svd_serve.adapter', 'svd_serve.export') "
             "if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != plugin.ROOT_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_register_corrects_the_cpu_lora_ops(tmp_path):
+    """Registration corrects the LoRA ops with or without an adapter root (exports served by
+    --lora-modules need it too); the resolver is registered only with a root."""
+    code = ("from svd_serve.converters import vllm_plugin as p; p.register(); "
+            "from vllm.lora.ops.torch_ops import lora_ops; print(lora_ops.bgmv_expand.svd_serve_fixed)")
+    env = {k: v for k, v in os.environ.items() if k != plugin.ROOT_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 def test_verify_needs_an_export(setup, run_cli, tmp_path):
@@ -368,3 +384,146 @@ def test_plugin_conversion_does_not_use_the_export_command(setup, tmp_path):
             "print('svd_serve.export' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- verify --url: a running server against the Hugging Face model -----------------------------------
+
+def verify_url(run_cli, serving, setup, tmp_path, *args) -> tuple[int, str, dict | None]:
+    code, out = run_cli("verify", "--url", serving["url"], "--base", setup["base"], "--max-new-tokens", MAX_TOKENS,
+                        "--json", tmp_path / "v.json", *args)
+    return code, out, json.loads((tmp_path / "v.json").read_text()) if code in (0, 1) else None
+
+
+@pytest.mark.vllm
+def test_verify_url_static_export(setup, serving, run_cli, tmp_path):
+    code, out, report = verify_url(run_cli, serving, setup, tmp_path, "--adapter", f"kasa-static={setup['exp'] / 'kasa'}")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith(f"verify --url {serving['url']}: vllm server, base model 'base'"), out
+    assert "float32" in lines[1] and lines[-1] == "all 2 match", out
+    checks = report["checks"]
+    assert set(checks) == {"(base)", "kasa-static"} and all(c["result"] == "ok" for c in checks.values())
+    assert checks["kasa-static"]["tokens"] == folded_tokens(setup, serving["ids"], setup["adapters"][0])
+    assert checks["(base)"]["tokens"] == folded_tokens(setup, serving["ids"], None) != checks["kasa-static"]["tokens"]
+    assert 0 < checks["kasa-static"]["max_logprob_gap"] <= report["tol"]
+
+
+@pytest.mark.vllm
+def test_verify_url_native_adapters(setup, serving, run_cli, tmp_path):
+    root = setup["root"]
+    code, out, report = verify_url(run_cli, serving, setup, tmp_path, "--adapter", f"kasa={root / 'kasa'}",
+                                   "--adapter", f"pissa={root / 'pissa'}")
+    assert code == 0, out
+    assert out.splitlines()[-1] == "all 3 match", out
+    checks = report["checks"]
+    for adapter in setup["adapters"]:
+        assert checks[adapter.name]["result"] == "ok"
+        assert checks[adapter.name]["tokens"] == folded_tokens(setup, serving["ids"], adapter)
+
+
+@pytest.mark.vllm
+def test_verify_url_wrong_mapping_mismatches(setup, serving, run_cli, tmp_path):
+    code, out, report = verify_url(run_cli, serving, setup, tmp_path, "--adapter", f"kasa={setup['root'] / 'pissa'}")
+    assert code == 1, out
+    checks = report["checks"]
+    assert checks["kasa"]["result"] == "mismatch" and not report["ok"], out
+    assert checks["(base)"]["result"] == "ok", out
+    assert out.splitlines()[-1] == "MISMATCH: kasa", out
+
+
+@pytest.mark.vllm
+def test_verify_url_unknown_adapter(setup, serving, run_cli, tmp_path):
+    code, out, _ = verify_url(run_cli, serving, setup, tmp_path, "--adapter", f"nope={setup['root'] / 'kasa'}")
+    one_error(code, out, "the server does not serve adapter nope (404")
+
+
+def test_verify_url_classifies_rows():
+    """Fake server outputs: an adapter answering as the base, a wrong base, base requests with an adapter."""
+    from svd_serve.verification import BASE, compare
+    from svd_serve.verify_server import ServerVerification, classify
+
+    def runs(*token_lists):
+        return [(t, [-1.0] * len(t)) for t in token_lists]
+
+    ref = {BASE: runs([1, 2], [3, 4]), "a": runs([5, 6], [3, 4]), "b": runs([7, 8], [9, 9])}
+
+    def judge(got):
+        checks = {n: {**compare(ref[n], got[n], 1e-3), "tokens": [r[0] for r in got[n]]} for n in ref}
+        classify(ref, got, checks, 1e-3, "BASE")
+        return checks
+
+    ignored = judge({BASE: ref[BASE], "a": ref[BASE], "b": ref["b"]})
+    assert [ignored[n]["result"] for n in ref] == ["ok", "silently ignored", "ok"]
+    wrong = judge({BASE: runs([2, 2], [3, 4]), "a": ref["a"], "b": ref["b"]})
+    assert wrong[BASE]["result"] == "not the adapters' base" and "BASE" in wrong[BASE]["why"]
+    carried = judge({BASE: runs([1, 2], [9, 9]), "a": ref["a"], "b": ref["b"]})
+    assert carried[BASE]["result"] == "adapter applied to base requests" and "adapter b" in carried[BASE]["why"]
+    loose = judge({BASE: ref[BASE], "a": [(t, [-1.5] * 2) for t, _ in ref["a"]], "b": ref["b"]})
+    assert loose["a"]["result"] == "mismatch" and "--dtype" in loose["a"]["why"]
+    lines = ServerVerification("url", "x server", "ref", 1e-3, 2, 2, ignored, None, "http://h", "float32").lines()
+    assert lines[5].endswith("MISMATCH: silently ignored") and lines[-1] == "MISMATCH: a", lines
+    assert any(l.startswith("a: the server's answers equal its base answers") for l in lines), lines
+
+
+def test_verify_url_input_errors(setup, run_cli, tmp_path):
+    kasa = setup["root"] / "kasa"
+    base = ("verify", "--base", setup["base"])
+    code, out = run_cli(*base, "--url", f"http://127.0.0.1:{free_port()}", "--adapter", f"kasa={kasa}")
+    one_error(code, out, "cannot reach http://127.0.0.1:")
+    code, out = run_cli(*base, "--url", "127.0.0.1:8000")
+    one_error(code, out, "give an http:// or https:// address")
+    code, out = run_cli(*base, "--url", "http://127.0.0.1:1", "--adapter", "kasa")
+    one_error(code, out, "give NAME=DIR")
+    code, out = run_cli(*base, "--url", "http://127.0.0.1:1", "--adapter", f"other={setup['exp']}")
+    one_error(code, out, "is a vLLM export of kasa, pissa, not of other")
+    code, out = run_cli(*base, "--url", "http://127.0.0.1:1", "--target", "vllm", "--export", setup["exp"])
+    one_error(code, out, "drop --target")
+    code, out = run_cli(*base, "--adapter", f"kasa={kasa}", "--target", "vllm", "--export", setup["exp"])
+    one_error(code, out, "--adapter is for checking a server: give --url too")
+    code, out = run_cli(*base, "--export", setup["exp"])
+    one_error(code, out, "Missing option '--target'")
+
+
+def test_verify_url_server_answers(tmp_path):
+    """A fake server: which listed model is the base, answers without token ids, HTTP errors."""
+    import http.server
+
+    from svd_serve.verify_server import Server
+
+    answers = {"/v1/models": (200, {"data": [{"id": "b1"}, {"id": "a", "parent": "b1"}]}),
+               "/v1/completions": (200, {"choices": [{"text": "x", "logprobs": {"token_logprobs": [-0.5]}}]})}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            code, body = answers[self.path]
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = Server(f"http://127.0.0.1:{httpd.server_address[1]}/v1/")
+        assert server.base_name() == ("b1", "OpenAI-compatible")
+        answers["/v1/models"] = (200, {"data": [{"id": "b1"}, {"id": "b2", "owned_by": "x"}]})
+        with pytest.raises(SvdServeError, match=r"listed: b1, b2\): give --served-base-name"):
+            server.base_name()
+        with pytest.raises(SvdServeError, match="has no token ids with logprobs"):
+            server.complete("a", [1, 2], 1, "adapter a")
+        answers["/v1/completions"] = (200, {"choices": [{"logprobs": {"token_logprobs": [-0.5, -0.25],
+                                                                     "tokens": ["token_id:7", "token_id:9"]}}]})
+        assert server.complete("a", [1, 2], 2, "adapter a") == ([7, 9], [-0.5, -0.25])
+        answers["/v1/completions"] = (500, {"error": {"message": "engine died\ntraceback"}})
+        with pytest.raises(SvdServeError, match="the server answered 500 for adapter a: engine died$"):
+            server.complete("a", [1, 2], 2, "adapter a")
+        answers["/v1/models"] = (200, ["b1"])
+        with pytest.raises(SvdServeError, match="did not answer a JSON object"):
+            server.base_name()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -12,7 +12,7 @@ import torch
 from helpers import make_adapter, one_error, write_jsonl
 
 from svd_serve.adapter import AdapterSet
-from svd_serve.data import encode, read_jsonl
+from svd_serve.dataset import encode, read_jsonl
 from svd_serve.export import export
 from svd_serve.extract import extract
 from svd_serve.fold import fold

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from svd_serve.data import IGNORE, collate, encode
-from svd_serve.io import atomic_dir
+from svd_serve.dataset import IGNORE, collate, encode
+from svd_serve.files import atomic_dir
 from svd_serve.tiny import CHAT_TEMPLATE, SPECIALS
 
 from .world import World, biography, corpus, make_world, qa_rows, recall_rows

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from svd_serve.adapter import AdapterSet, sweep_options
-from svd_serve.data import IGNORE, collate, encode
+from svd_serve.dataset import IGNORE, collate, encode
 from svd_serve.demo import EMBEDDED, exact_match
 from svd_serve.methods import METHODS
 from svd_serve.model import load_base, resolve_targets

@@ -1,7 +1,7 @@
 """Every call this benchmark makes into the svd-serve library, in one place (the training API is
 still moving; follow it here and nowhere else).
 
-Adapters are trained by :func:`svd_serve.train.train` and evaluated folded into a fresh copy of the
+Adapters are trained by :func:`svd_serve.training.train` and evaluated folded into a fresh copy of the
 base. A run starts from a copy of a kept initial adapter set where an earlier run made the same one
 (:func:`initial_adapters`): the sweep's lrs, the seeds of a deterministic init and both tasks share
 one calibration pass and one set of decompositions, and train bit for bit as with a fresh set.
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from svd_serve.adapter import AdapterSet, make_options, parse_option_values
-from svd_serve.data import IGNORE, Example, collate, encode, read_jsonl
+from svd_serve.dataset import IGNORE, Example, collate, encode, read_jsonl
 from svd_serve.errors import SvdServeError
 from svd_serve.methods import get_method
 from svd_serve.model import load_base
 from svd_serve.realmodel import smollm2
-from svd_serve.train import (
+from svd_serve.training import (
     Rows,
     TrainConfig,
     global_batch,
@@ -195,7 +195,7 @@ def train_run(base: Path, method: str, options: tuple[str, ...], targets: str, r
 
 def full_finetune(base: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float, warmup: float,
                   seed: int) -> int:
-    """AdamW over all parameters, otherwise as :func:`svd_serve.train.train` (no packing: same loss).
+    """AdamW over all parameters, otherwise as :func:`svd_serve.training.train` (no packing: same loss).
     Writes a model directory and ``metrics.jsonl`` to ``out``; returns the number of parameters."""
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out), steps=steps, batch_size=batch_size, lr=lr,
                       warmup=warmup, seed=seed)

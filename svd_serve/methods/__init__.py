@@ -1,4 +1,5 @@
-"""The method registry: adding a method is one file in this folder plus one line below."""
+"""The method registry, by each class's ``name``: adding a method is one file in this folder plus
+its class in the list below."""
 
 from __future__ import annotations
 
@@ -23,27 +24,9 @@ from .sst import SST
 from .svf import SVF
 from .svfit import SVFit
 
-METHODS: dict[str, type[Adapter]] = {
-    "lora": LoRA,
-    "pissa": PiSSA,
-    "milora": MiLoRA,
-    "olora": OLoRA,
-    "kasa": KaSA,
-    "corda-ipa": CorDAIPA,
-    "corda-kpa": CorDAKPA,
-    "sorsa": SORSA,
-    "svfit": SVFit,
-    "svf": SVF,
-    "salt": SALT,
-    "soma": SoMA,
-    "kore": KORE,
-    "loku": LoKU,
-    "diffora": DiffoRA,
-    "delta": Delta,
-    "codyra": CoDyRA,
-    "sst": SST,
-    "osft": OSFT,
-}
+METHODS: dict[str, type[Adapter]] = {cls.name: cls for cls in (
+    LoRA, PiSSA, MiLoRA, OLoRA, KaSA, CorDAIPA, CorDAKPA, SORSA, SVFit, SVF, SALT, SoMA, KORE, LoKU, DiffoRA,
+    Delta, CoDyRA, SST, OSFT)}
 DEFAULT_METHOD = "kasa"
 
 

@@ -7,19 +7,17 @@ layer computes ``(W + ΔW) x`` where ``ΔW = B @ A`` is available in low-rank fo
 :meth:`Adapter.delta`, against the ORIGINAL ``W``. Methods that "rewrite the base" (PiSSA's residual,
 KaSA's truncation) express that rewrite as a frozen low-rank term instead of touching ``W``.
 
-A method's options dataclass is its whole schema: each field's type, default and :func:`opt`
-metadata (doc, valid range, whether it weights a regularizer). Parsing ``-o KEY=VALUE``, validation,
-``--reg`` and ``svd-serve methods`` are derived from it; a key the dataclass lacks is refused.
+A method's options dataclass is its whole schema (:mod:`svd_serve.schema`): each field's type,
+default and :func:`opt` metadata (doc, valid range, whether it weights a regularizer). Parsing
+``-o KEY=VALUE``, validation, ``--reg`` and ``svd-serve methods`` are derived from it; a key the
+dataclass lacks is refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import math
-import operator
 import textwrap
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,19 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import SvdServeError
 from ..linalg import LowRank
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
-
-
-def opt(default: Any, doc: str, *, reg: bool = False, ge: float | None = None, gt: float | None = None,
-        lt: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """One option of a method: its default, what it does, and its valid values (``ge`` ≤ value,
-    ``gt`` < value, value < ``lt``; a string option: one of ``choices``). ``reg=True`` marks a
-    regularizer weight (``--reg`` takes only these)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "reg": reg, "ge": ge, "gt": gt, "lt": lt,
-                                                        "choices": choices})
-
+from ..schema import Options, opt
 
 def rank_opt(default: int = 8) -> Any:
     return opt(default, "Adapter rank r.", ge=1)
@@ -53,103 +39,6 @@ def alpha_opt(default: float | None = None) -> Any:
 def niter_opt() -> Any:
     return opt(None, "none: exact SVD; an integer: randomized SVD with that many power iterations (a faster, "
                      "approximate init: see linalg.top_svd).", ge=0)
-
-
-@dataclass
-class Options:
-    """Base of every method's options (no fields: a method without options, such as ``svf``).
-
-    Values are checked on construction: type (an int is accepted for a float), finiteness, range."""
-
-    def __post_init__(self) -> None:
-        for name, f in self.fields().items():
-            value = getattr(self, name)
-            kind, optional = self.kind(name)
-            if value is None:
-                if not optional:
-                    raise SvdServeError(f"option {name} needs a value ({kind.__name__})")
-                continue
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, name, value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise SvdServeError(f"option {name} must be {_a(kind)}, not {value!r}")
-            if kind is float and not math.isfinite(value):
-                raise SvdServeError(f"option {name} must be finite, not {value}")
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise SvdServeError(f"option {name} must be one of {', '.join(choices)}, not {value!r}")
-            for key, (holds, sign) in _BOUNDS.items():
-                bound = f.metadata.get(key)
-                if bound is not None and not holds(value, bound):
-                    raise SvdServeError(f"option {name} must be {sign} {bound:g}, not {value:g}")
-
-    @classmethod
-    def fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def kind(cls, name: str) -> tuple[type, bool]:
-        """``(bool | int | float | str, whether None is allowed)`` of field ``name``, from its annotation."""
-        kind, optional = field_kind(cls, name)
-        if kind is None:
-            raise TypeError(f"{cls.__name__}.{name}: an option is a bool, int, float or str (or None)")
-        return kind, optional
-
-    @classmethod
-    def regularizer_weights(cls) -> list[str]:
-        return [name for name, f in cls.fields().items() if f.metadata.get("reg")]
-
-    @classmethod
-    def parse(cls, name: str, raw: Any) -> Any:
-        """The value of option ``name`` from a command-line string (typed values pass through)."""
-        return parse_value(*cls.kind(name), name, raw)
-
-    @classmethod
-    def from_dict(cls, values: dict, method: str) -> "Options":
-        """The options from ``values`` (strings are parsed); a key the method does not have is refused."""
-        fields = cls.fields()
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            has = f"its options: {', '.join(fields)}" if fields else "it has none"
-            raise SvdServeError(f"method {method} has no option {', '.join(unknown)} ({has}; see "
-                                f"`svd-serve methods {method}`)")
-        try:
-            return cls(**{k: cls.parse(k, v) for k, v in values.items()})
-        except SvdServeError as e:
-            raise SvdServeError(f"{method}: {e}") from None
-
-
-def field_kind(cls: type, name: str) -> tuple[type | None, bool]:
-    """``(bool | int | float | str, or None for any other type; whether None is allowed)`` of a
-    dataclass field, from its annotation."""
-    hint = typing.get_type_hints(cls)[name]
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    kinds = [a for a in args if a is not type(None)]
-    kind = kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else None
-    return kind, len(kinds) < len(args)
-
-
-def parse_value(kind: type, optional: bool, name: str, raw: Any) -> Any:
-    """``raw`` as a ``kind`` if it is a string (``none`` → None where allowed); other values, and
-    strings for a ``str`` field, pass through."""
-    if not isinstance(raw, str) or kind is str:
-        return raw
-    text = raw.strip().lower()
-    if optional and text == "none":
-        return None
-    if kind is bool:
-        if text not in _TRUE + _FALSE:
-            raise SvdServeError(f"option {name} is true or false, not {raw!r}")
-        return text in _TRUE
-    try:
-        return kind(raw)
-    except ValueError:
-        raise SvdServeError(f"option {name} must be {_a(kind)}, not {raw!r}") from None
-
-
-def _a(kind: type) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
 
 
 @dataclass
@@ -170,7 +59,7 @@ class Adapter(nn.Module):
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    bound: ClassVar[str] = "2r"  # the rank bound of ΔW as text, for `svd-serve methods` (rank_bound computes it)
+    bound: ClassVar[str]  # the rank bound of ΔW as text, for `svd-serve methods`: rank_bound's docstring
     Options: ClassVar[type[Options]] = LoRAOptions
     alpha_per_rank: ClassVar[float] = 2.0
     needs_calibration: ClassVar[bool] = False
@@ -178,6 +67,10 @@ class Adapter(nn.Module):
     # "covariance" ([n, n] input covariance) or "fisher" ([m] Fisher information per output row)
     statistic: ClassVar[str] = "covariance"
     full_rank: ClassVar[bool] = False  # ΔW is not low-rank: `svd-serve methods` says how to serve it
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.bound = inspect.getdoc(cls.rank_bound).splitlines()[0]
 
     def __init__(self, out_features: int, in_features: int, opts: Options):
         super().__init__()
@@ -200,9 +93,9 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def init(self, weight: Tensor, cov: Tensor | None = None) -> None:
-        """Set every tensor from the base weight (float32 ``[m, n]``) and, if needed, the module's
-        calibration statistic ``cov`` (float64; the one :attr:`statistic` names: the input covariance
+    def init(self, weight: Tensor, stat: Tensor | None = None) -> None:
+        """Set every tensor from the base weight (float32 ``[m, n]``) and, if given, the module's
+        calibration statistic ``stat`` (float64; the one :attr:`statistic` names: the input covariance
         ``[n, n]`` or the Fisher row sums ``[m]``)."""
         raise NotImplementedError
 
@@ -219,7 +112,10 @@ class Adapter(nn.Module):
         return None
 
     def rank_bound(self) -> int:
-        """Largest possible rank of ΔW."""
+        """2r
+
+        The largest possible rank of ΔW. The first line of this docstring is that bound as text, as
+        ``svd-serve methods`` shows it (:attr:`bound`); a method that overrides this states its own."""
         return 2 * self.opts.rank
 
     @torch.no_grad()
@@ -233,8 +129,15 @@ class Adapter(nn.Module):
 
     @classmethod
     def needs_calibration_for(cls, opts) -> bool:
-        """Whether :meth:`init` needs the calibration covariance with these options."""
+        """Whether :meth:`init` needs the calibration statistic with these options."""
         return cls.needs_calibration
+
+    @classmethod
+    def uses_calibration_for(cls, opts) -> bool:
+        """Whether :meth:`init` uses the calibration statistic with these options where one is at hand:
+        where it needs one, and where it takes one if given (KaSA's default ``select``; the training
+        loop then computes it over the training rows when there is no --calib-data)."""
+        return cls.needs_calibration_for(opts)
 
     @classmethod
     @torch.no_grad()

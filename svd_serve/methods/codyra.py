@@ -43,7 +43,6 @@ class CoDyRA(Adapter):
     paper = ("Adaptive Rank, Reduced Forgetting: Continual Learning with Dynamic Rank-Selective LoRA "
              "(CoDyRA; Lu et al., 2024, arXiv:2412.01004)")
     Options = CoDyRAOptions
-    bound = "r (fewer per module after pruning)"
 
     def build(self) -> None:
         r = self.opts.rank
@@ -52,7 +51,7 @@ class CoDyRA(Adapter):
         self.w = nn.Parameter(torch.zeros(r))
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         kaiming_(self.A)
         self.B.zero_()
         self.w.normal_()
@@ -61,6 +60,7 @@ class CoDyRA(Adapter):
         return LowRank(self.A, self.B * self.w)
 
     def rank_bound(self) -> int:
+        """r (fewer per module after pruning)"""
         return self.opts.rank
 
     def threshold(self, step: int, total_steps: int) -> float:

@@ -39,10 +39,10 @@ class CorDA(Residual):
     needs_calibration = True
     mode = "ipa"
 
-    def components(self, weight, cov):
-        if cov is None:
+    def components(self, weight, stat):
+        if stat is None:
             raise SvdServeError(f"{self.name} needs calibration data (--calib-data)")
-        fixed, inv = damped_inverse(cov, self.opts.damp)
+        fixed, inv = damped_inverse(stat, self.opts.damp)
         r, k = self.opts.rank, self.k
         # only the r triplets used, from the Gram matrix of W C in float64 (not a full SVD)
         u, s, vh = exact_svd(weight.double() @ fixed.double(), slice(k - r, k) if self.mode == "ipa" else slice(0, r))

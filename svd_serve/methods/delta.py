@@ -20,7 +20,6 @@ class Delta(LoRA):
 
     name = "delta"
     paper = "a fixed ΔW = B A (merged, imported from PEFT, or extracted from a full fine-tune)"
-    bound = "rank"
     Options = DeltaOptions
 
     def check(self) -> None:
@@ -28,3 +27,7 @@ class Delta(LoRA):
 
     def trainable_factors(self) -> LowRank:
         return LowRank(self.A, self.B)
+
+    def rank_bound(self) -> int:
+        """rank"""
+        return self.opts.rank

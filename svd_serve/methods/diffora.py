@@ -54,7 +54,6 @@ class DiffoRA(Adapter):
     paper = ("DiffoRA: Enabling Parameter-Efficient LLM Fine-Tuning via Differential Low-Rank Matrix Adaptation "
              "(Jiang, Wang, Yuan, 2025, arXiv:2502.08905)")
     Options = DiffoRAOptions
-    bound = "r (0 for a module switched off)"
 
     def build(self) -> None:
         self.A = nn.Parameter(torch.zeros(self.opts.rank, self.n))
@@ -64,7 +63,7 @@ class DiffoRA(Adapter):
         self.register_buffer("on", torch.ones(()))  # the discrete gate: 1 kept, 0 switched off
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         kaiming_(self.A)
         self.B.zero_()
         self.logit.zero_()
@@ -79,6 +78,7 @@ class DiffoRA(Adapter):
         return LowRank(self.A, self.B * (self.scale * self.gate()))
 
     def rank_bound(self) -> int:
+        """r (0 for a module switched off)"""
         return 0 if bool(self.decided) and not bool(self.on) else self.opts.rank
 
     @staticmethod

@@ -7,11 +7,16 @@ from torch import nn
 
 from ..linalg import LowRank
 from .base import Adapter, kaiming_, opt, orthogonality
-from .minor import MinorOptions, MinorSelection
+from .minor import SELECT, MinorOptions, MinorSelection
 
 
 @dataclass
 class KaSAOptions(MinorOptions):
+    select: str | None = opt(None, "Which rank-r part of W is dropped: weight = its r smallest singular components "
+                                   "(the paper); activation = the part of least output energy on the calibration "
+                                   "inputs of --calib-data (see linalg.output_minor); none (the default) = activation "
+                                   "on the calibration inputs at hand (`svd-serve train`: --calib-data, else up to "
+                                   "128 of its training rows), weight where there are none.", choices=SELECT)
     beta: float = opt(1e-4, "Weight of the singular-value penalty Σ d².", reg=True, ge=0)
     gamma: float = opt(1e-3, "Weight of the orthogonality penalty ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (r×r Grams, as HF PEFT).",
                        reg=True, ge=0)
@@ -29,7 +34,10 @@ class KaSA(MinorSelection, Adapter):
     Truncation uses ``k = min(m, n)`` (the official code's ``in_features − r`` drops nothing when
     out < in). The regularizer is averaged over layers, as in the official trainer. With
     ``-o select=activation`` the dropped part is the rank-r part of least output energy on the
-    calibration inputs instead (``methods/minor.py``); ΔW stays exact and of rank ≤ 2r.
+    calibration inputs instead (``methods/minor.py``); ΔW stays exact and of rank ≤ 2r. The default,
+    ``select=none``, is activation wherever calibration inputs are at hand (``svd-serve train`` always
+    has them: --calib-data, else the training rows), since the published choice breaks real models
+    before the first step (the init health check refuses it); ``-o select=weight`` is the paper's KaSA.
     """
 
     name = "kasa"
@@ -45,8 +53,8 @@ class KaSA(MinorSelection, Adapter):
         self.register_buffer("dropped_vh", torch.zeros(r, self.n))  # V_tᵀ
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
-        us, _, vh = self.minor(weight, cov)
+    def init(self, weight, stat=None) -> None:
+        us, _, vh = self.minor(weight, stat)
         self.dropped_us.copy_(us)
         self.dropped_vh.copy_(vh)
         kaiming_(self.A)

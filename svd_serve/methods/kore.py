@@ -24,7 +24,6 @@ class KORE(Residual):
     name = "kore"
     paper = "KORE: Enhancing Knowledge Injection via Knowledge-Oriented Constraints (github KORE-LMM/KORE); LoRA-Null (github HungerPWAY/LoRA-Null)"
     Options = KOREOptions
-    bound = "2r (r with freeze_a)"
     needs_calibration = True
 
     def build(self) -> None:
@@ -33,11 +32,11 @@ class KORE(Residual):
             del self.A
             self.register_buffer("A", torch.zeros(self.opts.rank, self.n))
 
-    def components(self, weight, cov):
-        if cov is None:
+    def components(self, weight, stat):
+        if stat is None:
             raise SvdServeError(f"{self.name} needs calibration data (--calib-data)")
         r = self.opts.rank
-        _, evecs = torch.linalg.eigh(cov.double())
+        _, evecs = torch.linalg.eigh(stat.double())
         null = evecs[:, :r].float()  # [n, r], smallest eigenvalues
         u, s, qh = torch.linalg.svd(weight @ null, full_matrices=False)  # W N = U S Qᵀ
         return LowRank.from_svd(u, s, qh @ null.T, self.scale)  # W N Nᵀ = U S (N Q)ᵀ
@@ -46,4 +45,5 @@ class KORE(Residual):
         return LowRank(self.A, self.B * self.scale)
 
     def rank_bound(self) -> int:
+        """2r (r with freeze_a)"""
         return self.opts.rank if self.opts.freeze_a else 2 * self.opts.rank

@@ -30,10 +30,10 @@ class LoKU(Residual):
     needs_calibration = True
     statistic = "fisher"
 
-    def components(self, weight, cov):
-        if cov is None:
+    def components(self, weight, stat):
+        if stat is None:
             raise SvdServeError(f"{self.name} needs calibration data (--calib-data or --forget-data)")
-        rows = Weighting.fisher(cov, self.opts.damp)
+        rows = Weighting.fisher(stat, self.opts.damp)
         u, s, vh = top_svd(rows.rows[:, None].float() * weight, self.opts.rank, self.opts.niter)
         a0, b0 = rows.unweigh(LowRank.from_svd(u, s, vh, self.scale))
         return LowRank(a0.float(), b0.float())

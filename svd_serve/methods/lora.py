@@ -12,14 +12,13 @@ class LoRA(Adapter):
 
     name = "lora"
     paper = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685)"
-    bound = "r"
 
     def build(self) -> None:
         self.A = nn.Parameter(torch.zeros(self.opts.rank, self.n))
         self.B = nn.Parameter(torch.zeros(self.m, self.opts.rank))
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         kaiming_(self.A)
         self.B.zero_()
 
@@ -27,4 +26,5 @@ class LoRA(Adapter):
         return LowRank(self.A, self.B * self.scale)
 
     def rank_bound(self) -> int:
+        """r"""
         return self.opts.rank

@@ -23,8 +23,8 @@ class MiLoRA(MinorSelection, Residual):
     paper = "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning (Wang et al., 2024, arXiv:2406.09044)"
     Options = MiLoRAOptions
 
-    def components(self, weight, cov):
-        us, s, vh = self.minor(weight, cov)
+    def components(self, weight, stat):
+        us, s, vh = self.minor(weight, stat)
         # U = US / S; a zero singular value gives a zero component
         u = us / torch.where(s > 0, s, torch.ones_like(s))
         return LowRank.from_svd(u, s, vh, self.scale)

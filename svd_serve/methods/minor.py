@@ -37,10 +37,16 @@ class MinorSelection:
     def needs_calibration_for(cls, opts) -> bool:
         return opts.select == "activation" or super().needs_calibration_for(opts)
 
+    @classmethod
+    def uses_calibration_for(cls, opts) -> bool:
+        return opts.select is None or super().uses_calibration_for(opts)
+
     def minor(self, weight: Tensor, cov: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(US, S, Vh)`` of the rank-r part of ``weight`` the options select (``linalg.minor_svd``)."""
+        """``(US, S, Vh)`` of the rank-r part of ``weight`` the options select (``linalg.minor_svd``);
+        ``select=none``: activation with an input covariance ``cov``, weight without."""
         opts = self.opts
-        if opts.select == "weight":
+        select = opts.select or ("weight" if cov is None else "activation")
+        if select == "weight":
             return minor_svd(weight, opts.rank)
         if cov is None:
             raise SvdServeError(f"{self.name} with select=activation needs calibration data (--calib-data)")

@@ -11,6 +11,6 @@ class OLoRA(Residual):
     name = "olora"
     paper = "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models (Büyükakyüz, 2024, arXiv:2406.01775)"
 
-    def components(self, weight, cov):
+    def components(self, weight, stat):
         q, r = leading_qr(weight, self.opts.rank)
         return LowRank(r, q)

@@ -50,7 +50,6 @@ class OSFT(Adapter):
     paper = ("Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual Learning "
              "(OSFT; Nayak et al., 2025, arXiv:2504.07097)")
     Options = OSFTOptions
-    bound = "k − k_high (k_high: the top components holding `energy` of ‖W‖²)"
     full_rank = True
 
     def build(self) -> None:
@@ -74,7 +73,7 @@ class OSFT(Adapter):
         return min(reached, len(s) - 1)
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         u, s, vh = top_svd(weight, self.k)
         for p, p0, value in ((self.U, self.U0, u), (self.S, self.S0, s), (self.Vh, self.Vh0, vh)):
             p.copy_(value)
@@ -99,4 +98,5 @@ class OSFT(Adapter):
         return self.low(self.U0, -self.S0, self.Vh0)
 
     def rank_bound(self) -> int:
+        """k − k_high (k_high: the top components holding `energy` of ‖W‖²)"""
         return self.k - int(self.high)

@@ -19,6 +19,6 @@ class PiSSA(Residual):
     paper = "PiSSA: Principal Singular Values and Singular Vectors Adaptation (Meng et al., 2024, arXiv:2404.02948)"
     Options = PiSSAOptions
 
-    def components(self, weight, cov):
+    def components(self, weight, stat):
         u, s, vh = top_svd(weight, self.opts.rank, self.opts.niter)
         return LowRank.from_svd(u, s, vh, self.scale)

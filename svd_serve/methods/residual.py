@@ -25,13 +25,13 @@ class Residual(Adapter):
         self.register_buffer("A0", torch.zeros(r, self.n))
         self.register_buffer("B0", torch.zeros(self.m, r))
 
-    def components(self, weight: Tensor, cov: Tensor | None) -> LowRank:
+    def components(self, weight: Tensor, stat: Tensor | None) -> LowRank:
         """``(A0 [r, n], B0 [m, r])`` with ``s·B0 A0`` the piece taken out of the base."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def init(self, weight: Tensor, cov: Tensor | None = None) -> None:
-        a0, b0 = self.components(weight.float(), cov)
+    def init(self, weight: Tensor, stat: Tensor | None = None) -> None:
+        a0, b0 = self.components(weight.float(), stat)
         self.A0.copy_(a0)
         self.B0.copy_(b0)
         self.A.copy_(a0)

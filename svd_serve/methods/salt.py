@@ -32,7 +32,6 @@ class SALT(Adapter):
     name = "salt"
     paper = "SALT: Singular Value Adaptation with Low-Rank Transformation (Elsayed et al., 2025; github BioMedIA-MBZUAI/SALT)"
     Options = SALTOptions
-    bound = "k_s + r"
 
     @property
     def ks(self) -> int:
@@ -56,7 +55,7 @@ class SALT(Adapter):
         self.register_buffer("Vh", torch.zeros(k, self.n))
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
         self.U.copy_(u)
         self.S.copy_(s)
@@ -82,4 +81,5 @@ class SALT(Adapter):
         return self.opts.reg * (torch.linalg.norm(self.top_delta()) + torch.linalg.norm(self.X @ self.Y))
 
     def rank_bound(self) -> int:
+        """k_s + r"""
         return self.ks + self.opts.rank

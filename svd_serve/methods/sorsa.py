@@ -34,7 +34,7 @@ class SORSA(Adapter):
         self.register_buffer("B0", torch.zeros(self.m, r))
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         u, s, vh = top_svd(weight, self.opts.rank, self.opts.niter)
         for p, p0, v in ((self.A, self.A0, vh), (self.S, self.S0, s), (self.B, self.B0, u)):
             p.copy_(v)

@@ -51,7 +51,6 @@ class SST(Adapter):
     paper = ("Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural Networks "
              "(SST; Zhao et al., 2024, arXiv:2405.15481)")
     Options = SSTOptions
-    bound = "k = min(out, in)"
     full_rank = True
 
     def build(self) -> None:
@@ -68,7 +67,7 @@ class SST(Adapter):
         self.register_buffer("Vh0", torch.zeros(k, n))
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         u, s, vh = top_svd(weight, self.k)
         for buf, value in ((self.U, u), (self.U0, u), (self.Vh, vh), (self.Vh0, vh), (self.sigma0, s)):
             buf.copy_(value)
@@ -92,6 +91,7 @@ class SST(Adapter):
         return LowRank(self.Vh0, self.U0 * -self.sigma0)
 
     def rank_bound(self) -> int:
+        """k = min(out, in)"""
         return self.k
 
     @torch.no_grad()

@@ -15,9 +15,12 @@ class SVF(SVFit):
     name = "svf"
     paper = "Singular Value Few-shot Adaptation of Vision-Language Models (CLIP-SVD; github HealthX-Lab/CLIP-SVD)"
     Options = Options
-    bound = "min(out, in)"
 
     def svd_rank(self) -> int:
+        return self.k
+
+    def rank_bound(self) -> int:
+        """min(out, in)"""
         return self.k
 
     def svd(self, weight):

@@ -21,7 +21,6 @@ class SVFit(Adapter):
     name = "svfit"
     paper = "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values (Sun et al., 2024, arXiv:2409.05926)"
     Options = SVFitOptions
-    bound = "r"
 
     def svd_rank(self) -> int:
         return self.opts.rank
@@ -38,7 +37,7 @@ class SVFit(Adapter):
         self.register_buffer("Vh", torch.zeros(r, self.n))
 
     @torch.no_grad()
-    def init(self, weight, cov=None) -> None:
+    def init(self, weight, stat=None) -> None:
         u, s, vh = self.svd(weight)
         self.U.copy_(u)
         self.Vh.copy_(vh)
@@ -49,4 +48,5 @@ class SVFit(Adapter):
         return LowRank(self.Vh, self.U * (self.sigma - self.sigma0))
 
     def rank_bound(self) -> int:
+        """r"""
         return self.svd_rank()

@@ -1,7 +1,8 @@
-"""CoDyRA, SST and OSFT against references written from their papers' equations: CoDyRA's proximal
-pruning and the per-module ranks it leaves (written by every exporter), one SST step (enhanced
-gradient, sampling by singular value, re-factorisation, optimizer state reset), OSFT's projected
-gradient and a ΔW orthogonal to the kept subspace; training on the tiny model and on SmolLM2."""
+"""Methods whose trained subspace is not one fixed rank-r pair, against references written from their
+papers' equations: CoDyRA prunes its rank (the proximal step, and the per-module ranks it leaves,
+written by every exporter), SST re-samples its singular vectors (one step: enhanced gradient,
+sampling by singular value, re-factorisation, optimizer state reset), OSFT trains orthogonally to a
+kept subspace (projected gradient, ΔW orthogonal to it); training on the tiny model and on SmolLM2."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import TOLERANCE, adapter_tensors, create, folded, gap, logits, max_diff, perturb, train_two_processes
+from helpers import MAX_LOGIT_GAP, adapter_tensors, create, folded, gap, logits, max_diff, perturb, train_two_processes
 from safetensors.torch import load_file
 
 from svd_serve.adapter import AdapterSet, make_options
@@ -21,9 +22,9 @@ from svd_serve.methods.lora import LoRA
 from svd_serve.methods.osft import OSFT
 from svd_serve.methods.sst import SST
 from svd_serve.model import load_base
-from svd_serve.train import TrainConfig, train
+from svd_serve.training import TrainConfig, train
 
-TOL = TOLERANCE[torch.float32]
+TOL = MAX_LOGIT_GAP[torch.float32]
 
 
 def run(tiny_model, data, out, method, **kw):

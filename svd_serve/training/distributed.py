@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import SvdServeError
+from ..errors import SvdServeError
 
 
 def check_device(device: str | None) -> None:

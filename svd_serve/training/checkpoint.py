@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet
-from .errors import SvdServeError
-from .io import atomic_dir, atomic_write_text, check_out
+from ..adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterSet
+from ..errors import SvdServeError
+from ..files import atomic_dir, atomic_write_text, check_out
 
 STATE_NAME = "trainer_state.pt"
 RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "loss.png", "checkpoints", ".final.tmp")

@@ -204,7 +204,7 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_flat(batch: list[Example], pad_id: int | None = None) -> dict:
     """One row of every example back to back, no padding: positions restart at 0 for each, and the
     boundaries go along as transformers' padding-free keywords (``cu_seq_lens_q/k``,
-    ``max_length_q/k``), which the attention of :func:`svd_serve.model.sdpa_attention` reads to keep
+    ``max_length_q/k``), which the attention of :func:`svd_serve.training.sdpa_attention` reads to keep
     every example attending to itself only. Every layer but the attention runs on the real tokens
     only. An example's first token is no target (it would be predicted from the one before it).
     ``pad_id`` is unused (the signature of :func:`collate`)."""

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .data import Example, collate
-from .errors import SvdServeError
+from ..dataset import Example, collate
+from ..errors import SvdServeError
 
 ROWS = 16  # rows the check runs on
 DEFAULT_LIMIT = 0.05  # nats of mean cross-entropy per target token
@@ -127,7 +127,7 @@ def check_init(model: nn.Module, adapters, examples: list[Example], pad_id: int,
 
     ``model`` is the model as trained, with ``adapters`` attached (its target modules wrapped, any way
     whose output is ``(W + ΔW) x + b``); ``loss_sum(batch)`` is the loop's ``(Σ cross-entropy, target
-    tokens)`` of a :func:`~svd_serve.data.collate` batch. Every rank of a multi-process run computes the
+    tokens)`` of a :func:`~svd_serve.dataset.collate` batch. Every rank of a multi-process run computes the
     same result, so all of them refuse together. ``rows``: how many examples, spread over the list."""
     limit = parse_limit(limit)
     rows = examples[::max(1, len(examples) // rows)][:rows]
