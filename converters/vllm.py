@@ -58,12 +58,16 @@ def max_lora_rank(rank: int) -> int:
 
 
 def head_tied(base: Path | None) -> bool:
-    """Whether ``base`` ties its output head to its input embeddings (unknown, None: tied)."""
-    if base is None:
+    """Whether ``base`` ties its output head to its input embeddings, from its ``config.json``
+    (no base, or none readable: taken as tied, so that a head LoRA is refused)."""
+    if base is None or not (Path(base) / "config.json").is_file():
         return True
     from transformers import AutoConfig
 
-    return bool(getattr(AutoConfig.from_pretrained(base), "tie_word_embeddings", True))
+    try:  # the model class's own default where config.json leaves the key out
+        return bool(getattr(AutoConfig.from_pretrained(base), "tie_word_embeddings", True))
+    except (OSError, ValueError):
+        return True
 
 
 def check_head(architecture: str, adapters: list[ExportedAdapter], base: Path | None) -> None:

@@ -152,7 +152,7 @@ def fake_job(arch="LlamaForCausalLM", module="model.layers.0.self_attn.q_proj", 
 @pytest.mark.parametrize("job, message", [
     (fake_job(arch="GPT2LMHeadModel", module="transformer.h.0.attn.c_attn"), "no LoRA support for GPT2LMHeadModel"),
     (fake_job(module="model.layers.0.mlp.fc1"), "no LoRA layer for module(s) model.layers.0.mlp.fc1"),
-    (fake_job(module="lm_head"), "no LoRA layer for module(s) lm_head"),
+    (fake_job(module="lm_head"), "ties lm_head to the input embeddings"),  # no config: taken as tied
     (fake_job(rank=513), "above vLLM's largest --max-lora-rank 512"),
     (fake_job(name="a=b"), "cannot be served"),
 ])
