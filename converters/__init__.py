@@ -38,6 +38,8 @@ class ExportedAdapter:
     rel_error: dict[str, float]  # module name -> relative Frobenius error (0.0 when exact)
     # module name -> [relative Frobenius error, relative output error on calibration rows], where measured
     errors: dict[str, list] = field(default_factory=dict)
+    # written against a served (quantized) base instead of the original: svd_serve.served's report
+    served: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -67,6 +69,9 @@ class ExportJob:
     model_type: str
     options: dict = field(default_factory=dict)  # target-specific options from the CLI
     overwrite: bool = False  # replace an earlier svd-serve output at ``out`` (never anything else)
+    # the base as named and resolved (svd_serve.hub.Source.record: name, Hub repo id, revision, commit),
+    # recorded next to the fingerprint in what is written
+    base_source: dict = field(default_factory=dict)
 
 
 class Target:

@@ -291,7 +291,7 @@ def export(job: ExportJob, out: Path) -> dict:
             metas[adapter.name] = meta
         manifest = {
             "format": FORMAT, "format_version": 1, "base": str(job.base.resolve()), "base_fingerprint": fp,
-            "architecture": job.architecture, "model_type": job.model_type, "dtype": dtype,
+            **({"base_source": job.base_source} if job.base_source else {}), "architecture": job.architecture, "model_type": job.model_type, "dtype": dtype,
             "provider": provider, "lora_modules": {m: list(s) for m, s in shapes.items()},
             "adapters": {n: {k: m[k] for k in ("file", "rank", "ranks", "modules")} for n, m in metas.items()},
         }

@@ -74,15 +74,18 @@ def lora_config(adapter: ExportedAdapter, job: ExportJob, rank: int) -> dict:
     }
 
 
-def export_record(adapter: ExportedAdapter) -> dict:
+def export_record(adapter: ExportedAdapter, job: ExportJob | None = None) -> dict:
     """What ``verify`` checks an export against: the fingerprint of the base the adapter was made
-    for (over the modules it adapts) and where it came from."""
+    for (over the modules it adapts) and where it came from; with ``job``, the base as it was named
+    and resolved (a Hub id: its revision and snapshot commit)."""
     source = Path(adapter.path)
     native = all((source / f).is_file() for f in ("svd_adapter.json", "svd_adapter.safetensors"))
     return {"format": RECORD_FORMAT, "format_version": 1, "name": adapter.name,
             "base_fingerprint": adapter.config.get("base_fingerprint"), "method": adapter.config.get("method"),
             "source": str(source.resolve()), "source_hash": adapter_hash(source) if native else None,
-            "rank": adapter.rank, "max_rel_error": max(adapter.rel_error.values())}
+            "rank": adapter.rank, "max_rel_error": max(adapter.rel_error.values()),
+            **({"served_base": adapter.served} if adapter.served else {}),
+            **({"base_source": job.base_source} if job is not None and job.base_source else {})}
 
 
 def write_lora_dir(adapter: ExportedAdapter, job: ExportJob, out: Path, overwrite: bool = False) -> dict:
@@ -90,7 +93,7 @@ def write_lora_dir(adapter: ExportedAdapter, job: ExportJob, out: Path, overwrit
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG).write_text(json.dumps(lora_config(adapter, job, rank), indent=2) + "\n")
         save_file(lora_tensors(adapter, rank), tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / RECORD).write_text(json.dumps(export_record(adapter), indent=2) + "\n")
+        (tmp / RECORD).write_text(json.dumps(export_record(adapter, job), indent=2) + "\n")
     return {"path": str(out), "rank": rank}
 
 

@@ -126,8 +126,10 @@ def export(job: ExportJob, out: Path) -> dict:
         for a in job.adapters:
             written[a.name] = {**write_lora_dir(a, job, tmp / a.name), "path": str(final[a.name])}
         serve = {
-            "base": str(base), "architecture": job.architecture, "max_lora_rank": rank, "max_loras": slots,
-            "adapters": {a.name: {"path": str(final[a.name]), "rank": a.rank, "rel_error": a.rel_error}
+            "base": str(base), **({"base_source": job.base_source} if job.base_source else {}),
+            "architecture": job.architecture, "max_lora_rank": rank, "max_loras": slots,
+            "adapters": {a.name: {"path": str(final[a.name]), "rank": a.rank, "rel_error": a.rel_error,
+                                  **({"served_base": a.served} if a.served else {})}
                          for a in job.adapters},
             "command": cmd,
         }

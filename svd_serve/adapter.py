@@ -44,7 +44,9 @@ class AdapterConfig:
     target_spec: str
     architecture: str
     base_fingerprint: str
-    base_model: str = ""
+    base_model: str = ""  # the base as given: a directory or a Hugging Face Hub id
+    base_revision: str | None = None  # a Hub id's revision as given (None: its default branch)
+    base_commit: str | None = None  # a Hub id's snapshot commit the adapter was made on
     dtype: str = "float32"
     svd_serve_version: str = __version__
     format: str = FORMAT
@@ -113,22 +115,25 @@ class AdapterSet(nn.Module):
     @classmethod
     def create(cls, model: nn.Module, method: str, opts, targets: list[str], target_spec: str = "",
                statistics: dict[str, Tensor] | None = None, base_model: str = "",
-               progress: bool = True) -> "AdapterSet":
+               progress: bool = True, source=None) -> "AdapterSet":
         """A fresh adapter on ``targets`` of ``model``; ``statistics``: each module's calibration
-        statistic, the one the method declares (``Adapter.statistic``, :func:`svd_serve.calib.calibrate`)."""
+        statistic, the one the method declares (``Adapter.statistic``, :func:`svd_serve.calib.calibrate`).
+        ``source``: a :class:`svd_serve.weights.Weights` of the base's files, whose full-precision weights
+        the init and the fingerprint read instead of ``model``'s (a quantized model's)."""
         method_cls = get_method(method)
         if method_cls.needs_calibration_for(opts) and not statistics:
             raise SvdServeError(f"method {method} needs calibration data (--calib-data)")
-        shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
+        shapes = {n: list((source or model).get_submodule(n).weight.shape) for n in targets}
         config = AdapterConfig(
             method=method, options=dataclasses.asdict(opts), targets=shapes, target_spec=target_spec,
-            architecture=type(model).__name__, base_fingerprint=fingerprint(model, targets),
+            architecture=type(model).__name__,
+            base_fingerprint=source.fingerprint(targets) if source is not None else fingerprint(model, targets),
             base_model=base_model)
         self = cls(config)
         names = tqdm(targets, desc=f"init {method}", disable=not progress or len(targets) < 8,
                      leave=False)
         for name in names:
-            weight = model.get_submodule(name).weight.detach().float()
+            weight = (source.weight(name) if source is not None else model.get_submodule(name).weight).detach().float()
             stat = statistics.get(name) if statistics else None
             self.layers[_key(name)].init(weight, stat)
         return self
@@ -136,15 +141,15 @@ class AdapterSet(nn.Module):
     @classmethod
     def fresh(cls, model: nn.Module, method: str, opts, targets: list[str], target_spec: str = "",
               calibration: Callable[[str], dict[str, Tensor]] | None = None, base_model: str = "",
-              progress: bool = True) -> "AdapterSet":
+              progress: bool = True, source=None) -> "AdapterSet":
         """:meth:`create`, calibrated where the method uses a statistic with these options
         (``uses_calibration_for``): ``calibration(statistic)`` gives each module's statistic (the one
         the method declares, ``Adapter.statistic``). Without ``calibration``, a method that needs one
-        is refused by :meth:`create`."""
+        is refused by :meth:`create`. ``source``: see :meth:`create`."""
         method_cls = get_method(method)
         stats = calibration(method_cls.statistic) if (
             calibration is not None and method_cls.uses_calibration_for(opts)) else None
-        return cls.create(model, method, opts, targets, target_spec, stats, base_model, progress)
+        return cls.create(model, method, opts, targets, target_spec, stats, base_model, progress, source)
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> "AdapterSet":
@@ -195,8 +200,14 @@ class AdapterSet(nn.Module):
         names = list(self.config.targets)
         fp = fingerprint(model, names) if isinstance(model, nn.Module) else model.fingerprint(names)
         if fp != self.config.base_fingerprint:
+            quantized = getattr(model, "quantization", None) or getattr(model, "svd_serve_quantization", None)
+            why = ""
+            if quantized is not None:  # (a Weights, or a model load_base dequantized)
+                why = (f"; this base is a {quantized.describe()} quantization: an adapter trained on the "
+                       "full-precision base must be exported against that base (--base), with this one as "
+                       "--served-base to write it for this quantized copy")
             raise SvdServeError(f"the adapter was initialised from a different base (fingerprint "
-                                f"{self.config.base_fingerprint} != {fp} of this base)")
+                                f"{self.config.base_fingerprint} != {fp} of this base){why}")
 
     # --- use ---------------------------------------------------------------------------------------
     def items(self):

@@ -72,7 +72,7 @@ def fisher_rows(model: nn.Module, names: list[str], rows: list[dict], tokenizer,
     """``I [m]`` per module (float64): the Fisher information of each output row (module docstring).
     Examples are batched (right-padded: padding gets no gradient, so each example's gradient is its
     own); the model's parameters get no gradients, their ``requires_grad`` flags are restored."""
-    sums = {n: torch.zeros(model.get_submodule(n).weight.shape[0], dtype=torch.float64) for n in names}
+    sums = {n: torch.zeros(model.get_submodule(n).out_features, dtype=torch.float64) for n in names}  # (any Linear)
     counts = [torch.zeros(0)]  # n_e of the examples in flight
 
     def hook(name):

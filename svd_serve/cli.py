@@ -30,6 +30,14 @@ TARGETS_HELP = "Module-name suffixes (comma list), 'all-linear', or a regex over
 OVERWRITE_HELP = "Replace an earlier svd-serve output at --out (never other files)."
 
 
+def revision_option(flag: str = "--revision", of: str = "--base"):
+    """The Hub revision of an option that takes a local directory or a Hugging Face Hub id."""
+    return click.option(flag, flag.lstrip("-").replace("-", "_"), metavar="REV",
+                        help=f"With a Hugging Face Hub id as {of}: its branch, tag or commit hash (default: main).")
+FOLD_DTYPE_HELP = ("A quantized base (GPTQ, AWQ, compressed-tensors, bitsandbytes): write its dequantized "
+                   "weights + ΔW in this dtype (required for such a base).")
+
+
 def settings_options(cls: type[Settings], choices: dict[str, list[str]] | None = None):
     """One click option per field of ``cls``, in its order: flag, type, default, choices and help text
     all from the schema (:mod:`svd_serve.schema`); ``choices``: those the command line offers for a
@@ -86,6 +94,24 @@ def echo_errors(report: dict, indent: str = "") -> None:
             click.echo(indent + line)
 
 
+def echo_served(name: str, entry: dict) -> None:
+    """An adapter exported against a served base: its rank, the base, the output errors, the check."""
+    from .served import served_table
+
+    served = entry["served_base"]
+    q = served["served_base"]["quantization"]
+    scheme = q["describe"] if q else "not quantized"
+    line = (f"{name}: rank {entry['rank']}, {entry['modules']} modules, against the served base "
+            f"{served['served_base']['path']} ({scheme}); output error on the calibration rows, plain export "
+            f"{served['total']['plain']:.3e}, aware {served['total']['aware']:.3e}")
+    if "max_factor_error" in entry:
+        line += f", check: written vs aware factors ≤ {entry['max_factor_error']:.1e}"
+    click.echo(line)
+    click.echo(f"  per module type (relative to {served['normalization']}; the base alone has the plain error):")
+    for row in served_table(served):
+        click.echo(row)
+
+
 def one_of(new_flag: str, new, old_flag: str, old):
     """The value of an option that also has an old, hidden spelling (giving both is an error)."""
     if new is not None and old is not None:
@@ -135,21 +161,24 @@ def train(ctx, config_file, **given):
 
 @cli.command()
 @click.option("--base", required=True, type=click.Path(), help="The base the adapter was trained on.")
+@revision_option()
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--out", required=True, type=click.Path(), help="Output HF checkpoint directory.")
 @click.option("--max-shard-size", help="Shard the output at this size, e.g. 5GB (default: the base's shards).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help=FOLD_DTYPE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def fold(base, adapter, out, max_shard_size, overwrite):
+def fold(base, revision, adapter, out, max_shard_size, dtype, overwrite):
     """Fold an adapter into the base: a standalone HF checkpoint in the base's own dtype, written one
     tensor at a time."""
     from .fold import fold as run
 
-    click.echo(f"folded checkpoint written to {run(base, adapter, out, max_shard_size, overwrite)}")
+    click.echo(f"folded checkpoint written to {run(base, adapter, out, max_shard_size, overwrite, dtype, revision)}")
 
 
 @cli.command()
 @click.option("--target", required=True, type=click.Choice(list(TARGETS)), help="Where the adapters will be served.")
 @click.option("--base", required=True, type=click.Path(), help="The base the adapters were trained on.")
+@revision_option()
 @click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
               help="svd-serve adapter directory (repeat for several).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
@@ -162,17 +191,25 @@ def fold(base, adapter, out, max_shard_size, overwrite):
 @click.option("--check-logits/--no-check-logits", default=None,
               help="Also compare logits of the float32 base with the written factors and the adapted "
                    "model (loads the model; default: on for checkpoints up to 256 MiB).")
+@click.option("--served-base", type=click.Path(),
+              help="The quantized copy of --base the server runs (e.g. W4A16, W8A8): write the rank-K LoRA "
+                   "that best reproduces the adapted model on it (output error on --calib-data's inputs, "
+                   "needed); --max-rank K defaults to each module's exact rank plus the adapter's r.")
+@revision_option("--served-base-revision", of="--served-base")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def export(target, base, adapters, out, max_rank, weighting, truncation_calib, dtype, no_verify, check_logits,
-           overwrite):
+def export(target, base, revision, adapters, out, max_rank, weighting, truncation_calib, dtype, no_verify, check_logits,
+           served_base, served_base_revision, overwrite):
     """Export adapters as exact LoRA against the unmodified base."""
     from .export import export as run
 
     extra = {"dtype": dtype} if dtype else {}
     report = run(target, base, list(adapters), out, max_rank=max_rank, verify=not no_verify,
                  check_logits=check_logits, overwrite=overwrite, weighting=weighting, calib_data=truncation_calib,
-                 **extra)
+                 served_base=served_base, revision=revision, served_base_revision=served_base_revision, **extra)
     for name, entry in report["adapters"].items():
+        if "served_base" in entry:
+            echo_served(name, entry)
+            continue
         err = entry["max_rel_error"]
         line = f"{name}: rank {entry['rank']} (bound {entry['bound']}), {entry['modules']} modules, "
         line += "exact" if err == 0 else f"max relative error {err:.3e}"
@@ -193,16 +230,19 @@ def export(target, base, adapters, out, max_rank, weighting, truncation_calib, d
 @cli.command("inspect")
 @click.option("--adapter", required=True, type=click.Path(), help="svd-serve adapter directory.")
 @click.option("--base", type=click.Path(), help="The base: adds the spectra of W and W+ΔW, and Δσ.")
+@revision_option()
 @click.option("--max-rank", type=int, help="Show the export at this rank (error reported).")
 @click.option("--modules", help="Regex: only the modules whose names it matches.")
 @click.option("--plot", type=click.Path(), help="Also write the spectra as a PNG (a grid of small panels).")
-def inspect_cmd(adapter, base, max_rank, modules, plot):
+def inspect_cmd(adapter, base, revision, max_rank, modules, plot):
     """Singular spectra per module: ΔW's rank and energy, and with --base the σ shift of W."""
     from .inspection import check_plot_path, inspect, plot as draw, table
 
     if plot:
         check_plot_path(plot)
-    specs = inspect(adapter, base, max_rank=max_rank, modules=modules)
+    if revision is not None and base is None:
+        raise SvdServeError("--revision goes with --base (a Hugging Face Hub id)")
+    specs = inspect(adapter, base, max_rank=max_rank, modules=modules, revision=revision)
     click.echo(table(specs))
     if plot:
         draw(specs, plot, title=str(adapter))
@@ -213,11 +253,17 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 @cli.command()
 @click.option("--target", type=click.Choice(list(TARGETS)),
               help="The target the export was written for; it runs in that target's runtime.  [required without --url]")
-@click.option("--base", required=True, type=click.Path(), help="The base the export was made for (a local directory).")
-@click.option("--export", "export_dir", type=click.Path(),
+@click.option("--base", required=True, type=click.Path(),
+              help="The base the export was made for (a local directory or a Hugging Face Hub id).")
+@revision_option()
+@click.option("--export", "export_dir", type=click.Path(), multiple=True,
               help="Output of `svd-serve export`.  [required without --url; with it: a vLLM export whose adapters "
-                   "the server serves by their names]")
+                   "the server serves by their names; repeat with --served-base (e.g. a plain and an aware export)]")
 @click.option("--url", help="Check this running OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead.")
+@click.option("--served-base", type=click.Path(),
+              help="With --target vllm: serve the exports on this quantized copy of --base and compare with the "
+                   "full-precision adapted model (mean KL, top-token agreement; tolerance from the base's own "
+                   "quantized-vs-full distance, measured in the same run).")
 @click.option("--adapter", "served", multiple=True, metavar="NAME=DIR",
               help="With --url: the server's adapter NAME serves DIR (a native adapter, a PEFT export, or a vLLM "
                    "export holding NAME); repeat.")
@@ -235,8 +281,8 @@ def inspect_cmd(adapter, base, max_rank, modules, plot):
 @click.option("--kv-cache-mib", default=VerifyOptions.kv_cache_mib, show_default=True, type=int,
               help="vLLM's KV cache size.")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report (with tokens) here.")
-def verify(target, base, export_dir, url, served, served_base_name, dtype, api_key, prompts, max_new_tokens,
-           max_tokens_alias, tol, kv_cache_mib, json_out):
+def verify(target, base, revision, export_dir, url, served_base, served, served_base_name, dtype, api_key, prompts,
+           max_new_tokens, max_tokens_alias, tol, kv_cache_mib, json_out):
     """Run an export in its target's runtime (vLLM, ONNX Runtime, PEFT) and compare greedy tokens and
     logprobs with the Hugging Face model, for the base and every adapter. With --url: the same check of
     a running server, for its base and each --adapter. Exit status 1 on a mismatch."""
@@ -244,17 +290,27 @@ def verify(target, base, export_dir, url, served, served_base_name, dtype, api_k
 
     if max_tokens_alias is not None:
         max_new_tokens = max_tokens_alias
-    if url is not None:
+    if len(export_dir) > 1 and served_base is None:
+        raise SvdServeError("give one --export (several only with --served-base)")
+    if served_base is not None:
+        from .hub import local_dir
+
+        result = verify_served(target, local_dir(base, revision), export_dir, served_base, url, served, served_base_name, dtype, tol,
+                               VerifyOptions(list(prompts) or VerifyOptions().prompts, max_new_tokens, None,
+                                             kv_cache_mib))
+    elif url is not None:
+        export_dir = export_dir[0] if export_dir else None
         result = verify_url(url, base, export_dir, target, served, served_base_name, dtype, api_key,
-                            VerifyOptions(list(prompts) or VerifyOptions().prompts, max_new_tokens, tol))
+                            VerifyOptions(list(prompts) or VerifyOptions().prompts, max_new_tokens, tol), revision)
     else:
         for flag, value in (("--adapter", served), ("--served-base-name", served_base_name), ("--dtype", dtype)):
             if value:
                 raise SvdServeError(f"{flag} is for checking a server: give --url too")
+        export_dir = export_dir[0] if export_dir else None
         for flag, value in (("--target", target), ("--export", export_dir)):
             if value is None:
                 raise click.UsageError(f"Missing option '{flag}' (or give --url to check a running server).")
-        result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib)
+        result = run(target, base, export_dir, list(prompts) or None, max_new_tokens, tol, kv_cache_mib, revision)
     if json_out:
         from .files import atomic_write_text
 
@@ -265,7 +321,22 @@ def verify(target, base, export_dir, url, served, served_base_name, dtype, api_k
         sys.exit(1)
 
 
-def verify_url(url, base, export_dir, target, served, served_base_name, dtype, api_key, options):
+def verify_served(target, base, export_dirs, served_base, url, served, served_base_name, dtype, tol, options):
+    """`verify --served-base`: the exports served on the quantized base, against the full-precision model."""
+    from .verify import verify_served as run
+
+    for flag, value in (("--url", url), ("--adapter", served), ("--served-base-name", served_base_name),
+                        ("--dtype", dtype), ("--tol", tol)):
+        if value not in (None, ()):
+            raise SvdServeError(f"{flag} does not apply to --served-base (its tolerance is the base's own "
+                                "quantized-vs-full distance)")
+    for flag, value in (("--target", target), ("--export", export_dirs)):
+        if not value:
+            raise click.UsageError(f"Missing option '{flag}'.")
+    return run(target, base, list(export_dirs), served_base, options)
+
+
+def verify_url(url, base, export_dir, target, served, served_base_name, dtype, api_key, options, revision=None):
     """`verify --url`: the served names and what each serves, from --adapter and --export."""
     from .verify_server import export_adapters, parse_adapters, verify_url as run
 
@@ -276,11 +347,12 @@ def verify_url(url, base, export_dir, target, served, served_base_name, dtype, a
         if name in adapters:
             raise SvdServeError(f"adapter {name} is given by --adapter and by --export {export_dir}")
         adapters[name] = path
-    return run(url, base, adapters, options, dtype, served_base_name, api_key)
+    return run(url, base, adapters, options, dtype, served_base_name, api_key, revision)
 
 
 @cli.command()
 @click.option("--base", required=True, type=click.Path(), help="The base every adapter was trained on.")
+@revision_option()
 @click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(),
               help=MergeArgs.help("adapter_dirs"))
 @click.option("--method", required=True, type=click.Choice(list(MERGES)), help=MergeArgs.help("method"))
@@ -303,9 +375,10 @@ def verify_url(url, base, export_dir, target, served, served_base_name, dtype, a
 @click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 @click.option("--max-shard-size", help="--fold/twin: shard the checkpoint at this size, e.g. 5GB (default: the base's shards).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="--fold/twin: " + FOLD_DTYPE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def merge(base, adapters, method, weights, density, lam, seed, shared, data, per_component, steps, lr, fold,
-          max_rank, weighting, truncation_calib, old_rank, out, max_shard_size, overwrite):
+def merge(base, revision, adapters, method, weights, density, lam, seed, shared, data, per_component, steps, lr, fold,
+          max_rank, weighting, truncation_calib, old_rank, out, max_shard_size, dtype, overwrite):
     """Merge adapters of one base: a folded checkpoint, one adapter, or (twin) a new base plus
     one residual adapter per task, OUT/base and OUT/adapters/NAME. atlas learns one coefficient per
     task vector and module (or per singular component) on --data with the training loop."""
@@ -325,7 +398,8 @@ def merge(base, adapters, method, weights, density, lam, seed, shared, data, per
             raise SvdServeError("--steps, --lr and --per-component need --data (and --method atlas)")
     report = run(base, list(adapters), out, method, weights=weights, density=density, lam=lam,
                  seed=seed, fold=fold, rank=max_rank, shared=shared, max_shard_size=max_shard_size,
-                 overwrite=overwrite, atlas=atlas, weighting=weighting, calib_data=truncation_calib)
+                 overwrite=overwrite, atlas=atlas, weighting=weighting, calib_data=truncation_calib, dtype=dtype,
+                 revision=revision)
     if "atlas" in report:
         a = report["atlas"]
         click.echo(f"few-shot loss {a['loss_start']:.4f} at the initial coefficients (task arithmetic) → "
@@ -349,8 +423,11 @@ class _UnlistedArgument(click.Argument):
 
 @cli.command("import")
 @click.option("--from", "source", required=True, type=click.Choice(["peft"]), help="The adapter's format.")
-@click.option("--adapter", type=click.Path(), help="The adapter directory to import.  [required]")
+@click.option("--adapter", type=click.Path(),
+              help="The adapter to import: a directory or a Hugging Face Hub id.  [required]")
+@revision_option("--adapter-revision", "--adapter")
 @click.option("--base", required=True, type=click.Path(), help="The original, unmodified base.")
+@revision_option()
 @click.option("--initial", type=click.Path(),
               help="PiSSA/OLoRA/CorDA: the adapter PEFT saved before training.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (a native adapter).")
@@ -359,7 +436,7 @@ class _UnlistedArgument(click.Argument):
 @weighting_options
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.argument("old_adapter", required=False, type=click.Path(), cls=_UnlistedArgument)
-def import_cmd(source, adapter, base, initial, out, max_rank, weighting, truncation_calib, overwrite, old_adapter):
+def import_cmd(source, adapter, adapter_revision, base, revision, initial, out, max_rank, weighting, truncation_calib, overwrite, old_adapter):
     """Import a PEFT LoRA / PiSSA / OLoRA / CorDA / KaSA adapter as an exact native adapter, or a DoRA
     adapter as the best LoRA of rank --max-rank (DoRA's ΔW is full rank)."""
     from .importer import import_peft
@@ -367,7 +444,8 @@ def import_cmd(source, adapter, base, initial, out, max_rank, weighting, truncat
     adapter = one_of("--adapter", adapter, "a positional path", old_adapter)
     if adapter is None:
         raise SvdServeError("missing --adapter (the PEFT adapter directory)")
-    report = import_peft(adapter, base, out, initial, overwrite, max_rank, weighting, truncation_calib)
+    report = import_peft(adapter, base, out, initial, overwrite, max_rank, weighting, truncation_calib, revision,
+                         adapter_revision)
     line = f"{report['kind']} adapter, {report['modules']} modules, rank {report['rank']}"
     if "errors" in report:
         line += (f" (best rank-{report['max_rank']} LoRA of DoRA's ΔW), max relative error "
@@ -384,7 +462,9 @@ def import_cmd(source, adapter, base, initial, out, max_rank, weighting, truncat
 
 @cli.command()
 @click.option("--base", required=True, type=click.Path(), help="The base the fine-tune started from.")
+@revision_option()
 @click.option("--finetuned", required=True, type=click.Path(), help="A full fine-tune of --base.")
+@revision_option("--finetuned-revision", "--finetuned")
 @click.option("--max-rank", type=int, help="Components kept per module.")
 @click.option("--rank", "old_rank", type=int, hidden=True)
 @click.option("--energy", type=float, help="Per module, the fewest components holding this fraction of ||ΔW||² "
@@ -393,12 +473,13 @@ def import_cmd(source, adapter, base, initial, out, max_rank, weighting, truncat
 @click.option("--targets", default="all-linear", show_default=True, help=TARGETS_HELP)
 @click.option("--out", required=True, type=click.Path(), help="Output directory (a native adapter).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-def extract(base, finetuned, max_rank, old_rank, energy, weighting, truncation_calib, targets, out, overwrite):
+def extract(base, revision, finetuned, finetuned_revision, max_rank, old_rank, energy, weighting, truncation_calib, targets, out, overwrite):
     """Extract an adapter from a full fine-tune (SVD of W_ft - W_base per Linear)."""
     from .extract import extract as run
 
     report = run(base, finetuned, out, rank=one_of("--max-rank", max_rank, "--rank", old_rank), energy=energy,
-                 targets=targets, overwrite=overwrite, weighting=weighting, calib_data=truncation_calib)
+                 targets=targets, overwrite=overwrite, weighting=weighting, calib_data=truncation_calib,
+                 revision=revision, finetuned_revision=finetuned_revision)
     click.echo(f"{report['modules']} modules, rank {report['rank']}, max relative error "
                f"{report['max_rel_error']:.3e}" + (f", {report['unchanged']} unchanged modules left out"
                                                     if report["unchanged"] else ""))
@@ -435,12 +516,15 @@ def generate(export_dir, onnx_alias, adapter, prompt, max_new_tokens, temperatur
 
 
 @cli.command(context_settings={"show_default": True})
-@click.option("--base", required=True, type=click.Path(), help="The base every adapter was trained on (a local directory).")
+@click.option("--base", required=True, type=click.Path(),
+              help="The base every adapter was trained on (a local directory or a Hugging Face Hub id).")
+@revision_option()
 @click.option("--adapter-root", required=True, type=click.Path(),
               help="Directory of native adapters: a request for model NAME uses DIR/NAME.")
 @click.option("--host", default="127.0.0.1", help="Address to listen on.")
 @click.option("--port", default=8000, type=int, help="Port to listen on.")
-@click.option("--served-model-name", help="The base's model name in requests (default: the base directory's name).")
+@click.option("--served-model-name", help="The base's model name in requests (default: the base directory's name, "
+                                          "or the Hub id).")
 @click.option("--dtype", default="auto", help="vLLM's --dtype.")
 @click.option("--max-lora-rank", type=int, help="Default: the smallest vLLM bucket holding every adapter's rank.")
 @click.option("--max-loras", type=int, help="Adapters in one batch (default: min(adapters, 4)).")

@@ -18,6 +18,7 @@ from .calib import check_weighting, module_errors, truncation_weights
 from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .files import check_out
+from .hub import resolve
 from .linalg import LowRank
 from .model import resolve_targets
 
@@ -45,8 +46,10 @@ def same_tensor(base: Weights, tuned: Weights, name: str, block: int = 1 << 24) 
 @torch.no_grad()
 def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int | None = None,
             energy: float | None = None, targets: str = "all-linear", overwrite: bool = False,
-            weighting: str = "none", calib_data: str | Path | None = None) -> dict:
-    """``weighting`` and ``calib_data`` choose how each module's difference is truncated
+            weighting: str = "none", calib_data: str | Path | None = None, revision: str | None = None,
+            finetuned_revision: str | None = None) -> dict:
+    """``base`` and ``finetuned``: local directories or Hugging Face Hub ids at ``revision`` and
+    ``finetuned_revision`` (:mod:`svd_serve.hub`). ``weighting`` and ``calib_data`` choose how each module's difference is truncated
     (:func:`svd_serve.calib.truncation_weights`: the statistics of the fine-tuned model on the
     calibration rows; loads it), with ``energy`` then a fraction of the weighted norm, and add each
     module's output error on those rows to the report."""
@@ -57,6 +60,8 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
     if energy is not None and not 0 < energy <= 1:
         raise SvdServeError(f"--energy {energy} must be in (0, 1]")
     check_weighting(weighting, calib_data, True)
+    source = resolve(base, revision)
+    base, finetuned = source.path, resolve(finetuned, finetuned_revision, flag="--finetuned-revision").path
     inputs = [base, finetuned]
     check_out(out, inputs, overwrite)
     return_freed_memory()
@@ -92,7 +97,7 @@ def extract(base: str | Path, finetuned: str | Path, out: str | Path, rank: int 
     targeted = {f"{n}.weight" for n in names}
     other = [n for n in tuned.tensors
              if n not in targeted and (n not in ckpt or not same_tensor(ckpt, tuned, n))]
-    adapters = delta_adapter(factors, ckpt.architecture, ckpt.fingerprint(list(factors)), str(base), targets)
+    adapters = delta_adapter(factors, ckpt.architecture, ckpt.fingerprint(list(factors)), source.name, targets)
     adapters.save(out, inputs, overwrite)
     return {"modules": len(factors), "unchanged": unchanged, "out": str(out),
             "rank": max(a.shape[0] for a, _ in factors.values()),

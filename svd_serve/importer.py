@@ -43,6 +43,7 @@ from .calib import check_weighting, lower_rank, module_errors, truncation_weight
 from .weights import Weights, return_freed_memory
 from .errors import SvdServeError
 from .files import check_finite, check_out
+from .hub import resolve
 from .linalg import LowRank, leading_qr, minor_svd, top_svd
 
 
@@ -241,13 +242,20 @@ def check_dora(cfg: dict, modules: dict[str, dict[str, Tensor]], max_rank: int |
 
 def import_peft(path: str | Path, base: str | Path, out: str | Path,
                 initial: str | Path | None = None, overwrite: bool = False, max_rank: int | None = None,
-                weighting: str = "none", calib_data: str | Path | None = None) -> dict:
+                weighting: str = "none", calib_data: str | Path | None = None, revision: str | None = None,
+                adapter_revision: str | None = None) -> dict:
     """PEFT adapter at ``path`` (trained on ``base``) → native adapter at ``out``; returns a report.
+    ``path`` and ``base`` (and ``initial``): local directories or Hugging Face Hub ids, at
+    ``adapter_revision`` and ``revision`` (:mod:`svd_serve.hub`).
 
     ``max_rank``, ``weighting`` and ``calib_data`` are for DoRA adapters (module docstring): with
     ``calib_data`` the truncation statistics are those of the base with DoRA's exact ΔW added
     (:func:`svd_serve.calib.truncation_weights`; loads the model), and every module's output error on
     those rows is reported."""
+    source = resolve(base, revision)
+    path = resolve(path, adapter_revision, kind="adapter", flag="--adapter-revision").path
+    base = source.path
+    initial = resolve(initial, kind="adapter").path if initial is not None else None
     inputs = [path, base, initial, calib_data]
     check_out(out, inputs, overwrite)
     cfg, modules = read_peft(path)
@@ -290,7 +298,7 @@ def import_peft(path: str | Path, base: str | Path, out: str | Path,
     report = {}
     if dora:
         factors, report = truncate_dora(cfg, {n: factors[n] for n in order}, base, max_rank, weighting, calib_data)
-    adapters = delta_adapter({n: factors[n] for n in order}, ckpt.architecture, ckpt.fingerprint(order), str(base))
+    adapters = delta_adapter({n: factors[n] for n in order}, ckpt.architecture, ckpt.fingerprint(order), source.name)
     adapters.save(out, inputs, overwrite)
     kind = "dora" if dora else "kasa" if kasa else ("lora" if init in PLAIN_INITS else str(init))
     return {"kind": kind, "modules": len(order), "rank": adapters.config.options["rank"], "out": str(out), **report}

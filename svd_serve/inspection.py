@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .adapter import AdapterSet
 from .errors import SvdServeError
+from .hub import resolve
 from .linalg import exact_rank
 
 
@@ -55,8 +56,9 @@ class ModuleSpectrum:
 
 @torch.no_grad()
 def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int | None = None,
-            modules: str | None = None) -> list[ModuleSpectrum]:
-    """Spectra of every module of ``adapter`` (``modules``: a regex searched in module names)."""
+            modules: str | None = None, revision: str | None = None) -> list[ModuleSpectrum]:
+    """Spectra of every module of ``adapter`` (``modules``: a regex searched in module names);
+    ``base``: a local directory or a Hugging Face Hub id at ``revision`` (:mod:`svd_serve.hub`)."""
     if max_rank is not None and max_rank < 1:
         raise SvdServeError("--max-rank must be at least 1")
     ckpt = None
@@ -64,7 +66,7 @@ def inspect(adapter: str | Path, base: str | Path | None = None, max_rank: int |
         from .weights import Weights, return_freed_memory
 
         return_freed_memory()
-        ckpt = Weights(base)
+        ckpt = Weights(resolve(base, revision).path)
     adapters = AdapterSet.load(adapter, ckpt)
     try:
         pattern = re.compile(modules) if modules else None

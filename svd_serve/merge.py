@@ -34,9 +34,10 @@ from torch import Tensor
 from .adapter import AdapterSet, delta_adapter
 from .atlas import AtlasSettings, learn
 from .calib import TruncationWeights, check_weighting, lower_rank, module_errors, truncation_weights
-from .weights import Weights, parse_size, return_freed_memory, write_folded
+from .weights import Weights, folded_dtype, parse_size, return_freed_memory, write_folded
 from .errors import SvdServeError
 from .files import atomic_dir, check_out
+from .hub import resolve
 from .linalg import Compressed, LowRank, exact_rank, factored_svd
 from .model import linear_names
 from .schema import Settings, opt
@@ -195,6 +196,7 @@ class MergeJob:
     seed: int
     max_shard_size: int | None
     overwrite: bool
+    dtype: torch.dtype | None = None  # a quantized base's fold: the dtype of its dequantized weights
 
     def task_vectors(self, name: str) -> list[LowRank]:
         """Each adapter's ΔW of ``name`` (one zero component where an adapter lacks it)."""
@@ -241,7 +243,7 @@ class Merge:
         """The output, and the report's entries about it (its kind; an adapter's ranks and errors)."""
         if job.fold:
             with atomic_dir(job.out, job.inputs, job.overwrite) as tmp:
-                write_folded(job.ckpt, tmp, job.modules, plan.delta, job.max_shard_size)
+                write_folded(job.ckpt, tmp, job.modules, plan.delta, job.max_shard_size, dtype=job.dtype)
             return {"kind": "checkpoint"}
         lows = {name: job.lower(name, plan.delta(name)) for name in job.modules}
         delta_adapter(factors_of(lows), job.ckpt.architecture, job.fingerprint(),
@@ -304,7 +306,7 @@ class Twin(Merge):
         split = TwinSplit(job, plan)
         with atomic_dir(job.out, job.inputs, job.overwrite) as tmp:
             (tmp / "base").mkdir()
-            write_folded(job.ckpt, tmp / "base", job.modules, split.shared, job.max_shard_size)
+            write_folded(job.ckpt, tmp / "base", job.modules, split.shared, job.max_shard_size, dtype=job.dtype)
             new_base = Weights(tmp / "base").fingerprint(job.modules)
             adapters = {}
             for path, residual in zip(job.adapter_dirs, split.residuals):
@@ -404,13 +406,17 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
           weights: list[float] | None = None, density: float = 1.0, lam: float = 1.0, seed: int = 0,
           fold: bool = False, rank: int | None = None, shared: str = "ties",
           max_shard_size: int | str | None = None, overwrite: bool = False,
-          atlas: AtlasSettings | None = None, weighting: str = "none", calib_data: str | Path | None = None) -> dict:
+          atlas: AtlasSettings | None = None, weighting: str = "none", calib_data: str | Path | None = None,
+          dtype: str | None = None, revision: str | None = None) -> dict:
     """Merge native adapters of one base with the merge method ``method`` (a key of :data:`MERGES`);
     returns a report (output kind, ranks, errors). ``atlas``: how ``method="atlas"`` learns its
     coefficients (``seed`` orders its data). ``weighting`` and ``calib_data`` choose how ``rank``
     truncates the merged ΔW and the twin residuals (:func:`svd_serve.calib.truncation_weights`: the
     statistics of the base on the calibration rows, as the merged model does not exist before the
     merge; loads the model) and add each module's output error on those rows to the report.
+    ``dtype``: a quantized base's ``--fold`` (or twin's new base) writes its dequantized weights in it
+    (required there). ``base``: a local directory or a Hugging Face Hub id at ``revision``
+    (:mod:`svd_serve.hub`).
 
     The base is read one weight at a time (only the fingerprint's samples unless a checkpoint is
     written, or atlas trains on it), and each module is merged just before it is needed, so memory
@@ -418,12 +424,17 @@ def merge(base: str | Path, adapter_dirs: list[str | Path], out: str | Path, met
     args = MergeArgs(method, adapter_dirs, weights, density, fold, rank, shared, lam, seed, atlas)
     args.check()
     check_weighting(weighting, calib_data, rank is not None)
+    base = resolve(base, revision).path
     inputs = [base, *adapter_dirs, *([atlas.data] if atlas else [])]
     check_out(out, inputs, overwrite)
     if atlas is not None:
         atlas.check(base, seed)
     job = open_job(base, out, inputs, args, parse_size(max_shard_size), overwrite,
                    weighting, calib_data)
+    if args.fold or method == "twin":
+        job.dtype = folded_dtype(job.ckpt, dtype)
+    elif dtype is not None:
+        raise SvdServeError("--dtype applies to a written checkpoint (--fold, or twin's new base)")
     how = MERGES[method]
     plan = how.plan(job)
     return {"method": method, "modules": len(job.modules), "out": str(out), **plan.report, **how.write(job, plan)}

@@ -23,7 +23,11 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
     A safetensors checkpoint stored in another dtype is converted tensor by tensor (each read into
     memory of its own, converted, and kept as the parameter itself), so that loading never holds
     the checkpoint's dtype and ``dtype`` side by side: the memory map transformers reads through
-    would keep every page of the stored weights in the process's RSS until the end of the load."""
+    would keep every page of the stored weights in the process's RSS until the end of the load.
+
+    A quantized checkpoint (:mod:`svd_serve.quant`) loads as a plain float model whose quantized
+    Linears hold the dequantized weights (no quantized kernels); ``model.svd_serve_quantization``
+    says what they were (None for a full-precision base)."""
     path = check_base_dir(path)
     try:
         from transformers import AutoModelForCausalLM
@@ -36,6 +40,8 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
             config = AutoConfig.from_pretrained(path)
+            if hasattr(config, "quantization_config"):  # (the state holds the dequantized weights)
+                del config.quantization_config
             cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
             model = cls.from_pretrained(None, config=config, dtype=dtype, state_dict=state)
             del state
@@ -46,16 +52,24 @@ def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.
     except (ImportError, RuntimeError) as e:
         raise SvdServeError(broken_environment(e) or f"cannot load {path} as a causal LM: {e}") from None
     check_finite(model.state_dict().items(), f"the model {path} is corrupt")
+    model.svd_serve_quantization = Weights(path).quantization  # (None, or what the weights were dequantized from)
     return model.eval()
 
 
 def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] | None:
     """The checkpoint's tensors with floating ones in ``dtype``, or None when no conversion is
-    needed (or the weights are not safetensors)."""
+    needed (or the weights are not safetensors). A quantized checkpoint's quantized Linears get
+    their dequantized weights (:func:`svd_serve.quant.load_quantized_state`), its quantization
+    tensors are left out: the model is a plain float model."""
+    from .quant import load_quantized_state
 
+    ckpt = Weights(path)
+    if ckpt.quantization is not None:
+        dtype = ckpt.quantization.dtype if not isinstance(dtype, torch.dtype) else dtype
+        state = load_quantized_state(ckpt)
+        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
     if not isinstance(dtype, torch.dtype):
         return None
-    ckpt = Weights(path)
     stored = {SAFETENSORS_DTYPES[i.dtype] for i in ckpt.tensors.values() if SAFETENSORS_DTYPES[i.dtype].is_floating_point}
     if not ckpt.is_safetensors or stored <= {dtype}:
         return None

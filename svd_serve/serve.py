@@ -134,16 +134,21 @@ def on_cpu() -> bool:
 def plan(base: str | Path, root: str | Path, host: str = "127.0.0.1", port: int = 8000,
          served_model_name: str | None = None, dtype: str = "auto", max_lora_rank: int | None = None,
          max_loras: int | None = None, max_cpu_loras: int | None = None,
-         gpu_memory_utilization: float | None = None, extra: list[str] = ()) -> ServePlan:
+         gpu_memory_utilization: float | None = None, extra: list[str] = (),
+         revision: str | None = None) -> ServePlan:
     """The checked command line and environment that serve ``base`` with the adapters of ``root``.
-    An explicit value wins over a computed one; a flag in ``extra`` (vLLM arguments) replaces ours."""
+    An explicit value wins over a computed one; a flag in ``extra`` (vLLM arguments) replaces ours.
+    ``base``: a local directory or a Hugging Face Hub id at ``revision`` (:mod:`svd_serve.hub`): vLLM
+    gets its snapshot directory, served under the id's name."""
     import importlib.util
 
     from .converters.vllm import max_lora_rank as bucket
     from .converters.vllm_plugin import ROOT_ENV
+    from .hub import resolve
     from .weights import check_base_dir
 
-    base, root, extra = Path(base), Path(root), list(extra)
+    source = resolve(base, revision)
+    base, root, extra = source.path, Path(root), list(extra)
     if not base.is_dir():
         raise SvdServeError(f"base model directory not found: {base}")
     base = check_base_dir(base).resolve()
@@ -157,7 +162,7 @@ def plan(base: str | Path, root: str | Path, host: str = "127.0.0.1", port: int 
     loras = max_loras or min(len(found), DEFAULT_MAX_LORAS)
     flags = {
         "--model": str(base),
-        "--served-model-name": served_model_name or base.name,
+        "--served-model-name": served_model_name or (source.name if source.is_hub else base.name),
         "--host": host, "--port": str(port), "--dtype": dtype,
         "--enable-lora": None,
         "--max-lora-rank": str(max_lora_rank or bucket(max(ranks.values()))),

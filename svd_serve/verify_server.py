@@ -236,15 +236,17 @@ def classify(ref: Runs, got: Runs, checks: dict[str, dict], tol: float, base: st
 
 def verify_url(url: str, base: str | Path, adapters: dict[str, Path], options: VerifyOptions,
                dtype: str | None = None, served_base_name: str | None = None,
-               api_key: str | None = None) -> ServerVerification:
+               api_key: str | None = None, revision: str | None = None) -> ServerVerification:
     """Check the server at ``url`` for its base and each adapter of ``adapters`` (served name → the
-    adapter or export it serves) against the Hugging Face model on ``base`` with the same factors."""
+    adapter or export it serves) against the Hugging Face model on ``base`` (a local directory or a
+    Hugging Face Hub id at ``revision``, :mod:`svd_serve.hub`) with the same factors."""
+    from .hub import resolve
     from .weights import check_base_dir
 
     server = Server(url, api_key)
     if BASE in adapters:
         raise SvdServeError(f"{BASE} cannot be an adapter's served name")
-    base = check_base_dir(base)  # a local directory, never a model hub name
+    base = check_base_dir(resolve(base, revision).path)
     read = {name: adapter_factors(name, path) for name, path in adapters.items()}
     base_name, owner = (served_base_name, "OpenAI-compatible") if served_base_name else server.base_name()
     if base_name in adapters:

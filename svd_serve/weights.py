@@ -22,6 +22,12 @@ time (or only a sample of it), so they never build the model:
 
 A ``.bin`` checkpoint is read through ``torch.load(mmap=True)`` one tensor at a time; its output is
 always safetensors.
+
+A quantized checkpoint (GPTQ, AWQ, compressed-tensors, bitsandbytes: :mod:`svd_serve.quant`) has
+:attr:`Weights.quantization` set; its quantized Linears have a logical :meth:`Weights.weight_info`
+(the config's shape and float dtype) and :meth:`Weights.weight` returns the dequantized weight, read
+from that module's tensors alone; fingerprints sample it. :func:`write_folded` writes such a base
+dequantized, in the dtype the caller names.
 """
 
 from __future__ import annotations
@@ -122,6 +128,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute offset of the data in a safetensors file (-1: a .bin entry)
     nbytes: int
+    quantized: bool = False  # the logical float weight of a quantized module (dequantized when read)
 
     @property
     def numel(self) -> int:
@@ -181,6 +188,10 @@ class Weights:
         else:
             raise SvdServeError(f"{self.path} has neither {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} nor {BIN_INDEX}")
         self._index_check()
+        from .quant import detect
+
+        # None, or how the quantized Linear modules are stored (their weights read dequantized)
+        self.quantization = detect(json.loads((self.path / "config.json").read_bytes()), self.tensors)
 
     def _index_files(self, index_name: str, single: str) -> list[Path]:
         index = self.path / index_name
@@ -245,6 +256,10 @@ class Weights:
     def _finite(self, name: str, tensor: Tensor) -> Tensor:
         """``tensor``, read from this checkpoint, refused when it holds NaN or infinity (every tensor
         svd-serve reads is checked; tensors copied through unread are written as they are)."""
+        if tensor.is_floating_point() and tensor.element_size() == 1:  # FP8 (of a quantized module): no sum
+            tensor = tensor.float()
+            check_finite([(name, tensor)], f"the model {self.path} is corrupt")
+            return tensor.to(SAFETENSORS_DTYPES[self.info(name).dtype])
         check_finite([(name, tensor)], f"the model {self.path} is corrupt")
         return tensor
 
@@ -295,18 +310,31 @@ class Weights:
     def get_submodule(self, name: str) -> nn.Module:
         return self.skeleton.get_submodule(name)
 
+    def is_quantized(self, module: str) -> bool:
+        return self.quantization is not None and module in self.quantization.modules
+
     def weight_info(self, module: str) -> TensorInfo:
-        """The stored weight of the Linear ``module``, checked against the model's shape."""
-        info = self.info(f"{module}.weight")
+        """The stored weight of the Linear ``module``, checked against the model's shape. For a
+        quantized module: its logical weight (the config's shape, the config's float dtype, the file
+        of its quantized tensors, ``quantized=True``), as :meth:`weight` returns it."""
         want = tuple(self.skeleton.get_submodule(module).weight.shape)
+        if self.is_quantized(module):
+            q = self.quantization
+            file = self.info(q.tensor_names(module, self.tensors)[0]).file
+            numel = int(np.prod(want, dtype=np.int64))
+            return TensorInfo(file, DTYPE_CODES[q.dtype], want, -1, numel * q.dtype.itemsize, quantized=True)
+        info = self.info(f"{module}.weight")
         if info.shape != want:
             raise SvdServeError(f"{self.path}: {module}.weight has shape {list(info.shape)}, its config "
                                 f"says {list(want)}")
         return info
 
     def weight(self, module: str) -> Tensor:
-        """The weight of ``module`` in its stored dtype."""
-        self.weight_info(module)
+        """The weight of ``module`` in its stored dtype; a quantized module's weight dequantized (in
+        the config's float dtype, from that module's tensors alone: :mod:`svd_serve.quant`)."""
+        info = self.weight_info(module)
+        if info.quantized:
+            return self._finite(f"{module}.weight", self.quantization.dequantize(self, module, info.shape))
         return self.read(f"{module}.weight")
 
     def fingerprint(self, names: Iterable[str]) -> str:
@@ -317,7 +345,11 @@ class Weights:
             def samples():
                 for name in key:
                     info = self.weight_info(name)
-                    yield name, info.shape, self.sample(f"{name}.weight", fingerprint_stride(info.numel))
+                    stride = fingerprint_stride(info.numel)
+                    if info.quantized:  # (the dequantized weight: a quantized base has its own digest)
+                        yield name, info.shape, self.weight(name).reshape(-1)[::stride]
+                    else:
+                        yield name, info.shape, self.sample(f"{name}.weight", stride)
 
             self._fingerprints[key] = fingerprint_digest(samples())
         return self._fingerprints[key]
@@ -496,8 +528,62 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int
         src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
 
 
+def folded_dtype(ckpt: Weights, dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The dtype a fold of ``ckpt`` writes its dequantized weights in (``--dtype``): required for a
+    quantized base, refused for a full-precision one (folded in its own dtype)."""
+    from .quant import FLOAT_DTYPES
+
+    if isinstance(dtype, str):
+        if dtype not in FLOAT_DTYPES:
+            raise SvdServeError(f"--dtype {dtype!r} must be one of: {', '.join(FLOAT_DTYPES)}")
+        dtype = FLOAT_DTYPES[dtype]
+    if ckpt.quantization is None:
+        if dtype is not None:
+            raise SvdServeError("--dtype applies to quantized bases only: a full-precision base is folded "
+                                "in its own dtype")
+        return None
+    if dtype is None:
+        raise SvdServeError(f"the base is a {ckpt.quantization.describe()} quantization: the folded checkpoint "
+                            "holds its dequantized weights; choose their dtype with --dtype float16, "
+                            "bfloat16 or float32")
+    return dtype
+
+
+def _folded_plan(ckpt: Weights, dtype: torch.dtype, max_shard_size: int | None) -> dict[str, list[tuple]]:
+    """The output tensors of a quantized base's fold, per file: each quantized module's tensors become
+    one ``weight`` in ``dtype`` (where its first tensor was), every other tensor stays as it is."""
+    owner = {n: m for m in ckpt.quantization.modules for n in ckpt.quantization.tensor_names(m, ckpt.tensors)}
+    entries: dict[str, tuple] = {}
+    for name, info in ckpt.tensors.items():
+        if name not in owner:
+            entries[name] = (info.dtype, info.shape, info.file.name)
+        elif f"{owner[name]}.weight" not in entries:
+            w = ckpt.weight_info(owner[name])
+            entries[f"{owner[name]}.weight"] = (DTYPE_CODES[dtype], w.shape, info.file.name)
+    if max_shard_size is not None:
+        sizes = {n: int(np.prod(s, dtype=np.int64)) * SAFETENSORS_DTYPES[d].itemsize for n, (d, s, _) in entries.items()}
+        plan = shard_by_size(sizes, max_shard_size)
+    else:
+        plan = {}
+        for name, (_, _, file) in entries.items():
+            file = SAFE_NAME if file == BIN_NAME else file.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+            plan.setdefault(file, []).append(name)
+    return {f: [(n, entries[n][0], entries[n][1]) for n in names] for f, names in plan.items()}
+
+
+def _dequantized_config(ckpt: Weights, out: Path, dtype: torch.dtype) -> None:
+    """``config.json`` of a folded quantized base: no ``quantization_config``, ``dtype`` the fold's."""
+    config = json.loads((ckpt.path / "config.json").read_bytes())
+    config.pop("quantization_config", None)
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_folded(ckpt: Weights, out: Path, modules: list[str], delta: Callable[[str], LowRank | Tensor],
-                 max_shard_size: int | None = None, progress: bool = True) -> None:
+                 max_shard_size: int | None = None, progress: bool = True, dtype: torch.dtype | None = None) -> None:
     """Write ``ckpt`` to the (empty) directory ``out`` with ``W ← W + ΔW`` for every module of
     ``modules``, where ``ΔW = delta(module)`` (factors ``(A, B)``, or a dense ``[m, n]`` matrix) is
     asked for once per module, in the order given, just before its weight is written (so a caller
@@ -505,33 +591,53 @@ def write_folded(ckpt: Weights, out: Path, modules: list[str], delta: Callable[[
 
     ``W + B A`` is computed in float32 and rounded once to the weight's dtype; every other tensor is
     copied unchanged; the files follow the base's shard layout (or ``max_shard_size``) and are
-    indexed as ``save_pretrained`` indexes them; config and tokenizer files are copied."""
+    indexed as ``save_pretrained`` indexes them; config and tokenizer files are copied.
+
+    A quantized base (``ckpt.quantization``) needs ``dtype`` (:func:`folded_dtype`): every quantized
+    module is written dequantized (``W_deq + B A`` for ``modules``, in float32 and rounded once to
+    ``dtype``), its quantization tensors are not copied, and config.json loses its
+    ``quantization_config`` and takes ``dtype``; the unquantized tensors are copied as they are."""
     from tqdm.auto import tqdm
 
+    dtype = folded_dtype(ckpt, dtype)
     keys = {f"{m}.weight": m for m in modules}
     for key, module in keys.items():
         info = ckpt.weight_info(module)
         if info.dtype not in FLOATS:
             raise SvdServeError(f"{key} is stored as {info.dtype}: only float16/bfloat16/float32/float64 "
-                                "weights can be folded (dequantize the base first)")
-    plan = plan_shards(ckpt, max_shard_size)
-    writer = ShardWriter(out, {f: [(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names]
-                               for f, names in plan.items()}, ckpt.metadata)
-    bar = tqdm(total=len(ckpt.tensors), desc="writing", unit="tensor", disable=None if progress else True,
-               leave=False)
-    scratch = torch.empty(max((ckpt.tensors[k].numel for k in keys), default=0))  # float32, reused per module
+                                "weights can be folded")
+    if dtype is None:
+        plan = {f: [(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names]
+                for f, names in plan_shards(ckpt, max_shard_size).items()}
+        copied, dequantized = list(ckpt.tensors), []
+    else:
+        plan = _folded_plan(ckpt, dtype, max_shard_size)
+        owned = {n for m in ckpt.quantization.modules for n in ckpt.quantization.tensor_names(m, ckpt.tensors)}
+        copied = [n for n in ckpt.tensors if n not in owned]
+        dequantized = [m for m in sorted(ckpt.quantization.modules) if f"{m}.weight" not in keys]
+    writer = ShardWriter(out, plan, ckpt.metadata)
+    bar = tqdm(total=sum(len(v) for v in plan.values()), desc="writing", unit="tensor",
+               disable=None if progress else True, leave=False)
+    scratch = torch.empty(max((ckpt.weight_info(m).numel for m in modules), default=0))  # float32, reused per module
     try:
-        for name in ckpt.tensors:
+        for name in copied:
             if name not in keys:
                 writer.copy(name, ckpt)
                 bar.update()
+        for module in dequantized:  # (quantized modules no adapter touches)
+            writer.write(f"{module}.weight", ckpt.weight(module).to(dtype))
+            bar.update()
         for key, module in keys.items():
-            weight = ckpt.read(key)
+            if dtype is None:
+                weight = ckpt.read(key)
+            else:  # W_deq in float32 (exact), then rounded once to dtype with ΔW added
+                weight = ckpt.weight(module).float()
             d = delta(module)
             if isinstance(d, Tensor):  # no product with an identity factor for a dense ΔW
                 weight = (weight.float() + d.float()).to(weight.dtype)
             else:
                 add_low_rank_(weight, *d, scratch=scratch)
+            weight = weight if dtype is None else weight.to(dtype)
             check_finite([(key, weight)], f"refusing to write the folded checkpoint (W + ΔW in the base's {weight.dtype})")
             writer.write(key, weight)
             del weight
@@ -542,4 +648,6 @@ def write_folded(ckpt: Weights, out: Path, modules: list[str], delta: Callable[[
     finally:
         bar.close()
     writer.close()
+    if dtype is not None:
+        _dequantized_config(ckpt, out, dtype)
     copy_model_files(ckpt.path, out)

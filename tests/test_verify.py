@@ -77,7 +77,7 @@ def test_export_job_carries_factors_only():
     """Converters get factors: the job has no model, and its adapters are plain tensors."""
     assert "model" not in ExportJob.__dataclass_fields__
     assert {f for f in ExportedAdapter.__dataclass_fields__} == {"name", "path", "config", "A", "B", "rel_error",
-                                                                "errors"}
+                                                                "errors", "served"}
 
 
 # --- PEFT's scale, in one function ---------------------------------------------------------------------
@@ -165,7 +165,8 @@ def test_verify_missing_base_is_refused_without_a_hub(peft_export, run_cli, tmp_
     code, out = run_cli("verify", "--target", "peft", "--base", tmp_path / "nope", "--export", peft_export["out"])
     one_error(code, out, "base model directory not found", str(tmp_path / "nope"))
     code, out = run_cli("verify", "--target", "peft", "--base", "org/model", "--export", peft_export["out"])
-    one_error(code, out, "base model directory not found: org/model")
+    one_error(code, out, "org/model is neither a local directory nor a model in the Hugging Face cache",
+              "offline mode is on")
 
 
 # --- verify --target peft --------------------------------------------------------------------------------

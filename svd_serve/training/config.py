@@ -12,10 +12,12 @@ import torch
 from ..adapter import make_options, parse_option_values
 from ..errors import SvdServeError
 from ..methods import DEFAULT_METHOD, Adapter, Options, get_method
+from ..hub import resolve
 from ..model import check_base_dir
 from ..schema import Settings, opt
-from .distributed import check_device
+from .distributed import check_device, check_fsdp
 from .health import DEFAULT_LIMIT, parse_limit
+from .quantized import QUANTIZE, check_quantize
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # compute dtypes of the base
 SCHEDULES = ("cosine", "linear", "constant")
@@ -26,7 +28,9 @@ class TrainConfig(Settings):
     """Every setting of a run, with its default (the CLI and config files read these defaults), in the
     order `svd-serve train --help` lists them."""
 
-    base: str = opt(doc="Hugging Face model directory.  [required]", path=True)
+    base: str = opt(doc="Hugging Face model directory, or a Hugging Face Hub id (from the cache offline).  "
+                        "[required]", path=True)
+    revision: str | None = opt(None, "With a Hub id as --base: its branch, tag or commit hash (default: main).")
     data: str | None = opt(None, 'JSONL: {"text"}, {"prompt","completion"} or {"messages"}.  [required, or '
                                  "--forget-data]", path=True)
     out: str = opt(doc="Output directory: the adapter, metrics.jsonl, loss.png, checkpoints/.  [required]", path=True)
@@ -73,9 +77,13 @@ class TrainConfig(Settings):
     dtype: str = opt("float32", "Compute dtype of the base: float32, or bfloat16 (half the memory; autocast). "
                                 "Adapter parameters stay float32. float16 is not offered: it would need loss "
                                 "scaling.", choices=tuple(COMPUTE_DTYPES))
+    quantize: str | None = opt(None, "Hold the frozen base Linear weights quantized by bitsandbytes (QLoRA): nf4 or "
+                                     "fp4 (4-bit) or int8; --dtype is the compute dtype. The init reads the "
+                                     "full-precision weights and ΔW stays exact against them.", choices=QUANTIZE)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory).")
     absorb_frozen: bool = opt(True, "Fold the frozen low-rank terms (KaSA, PiSSA, ...) into the run's base copy: "
-                                    "faster steps.", flag="--absorb-frozen/--no-absorb-frozen")
+                                    "faster steps (not with --quantize: they stay low-rank products).",
+                              flag="--absorb-frozen/--no-absorb-frozen")
     max_init_loss_increase: float | str | None = opt(
         DEFAULT_LIMIT, "Refuse to train when the adapter at init raises the loss (on a few eval or training rows) "
         "by more than this many nats; 0, inf or off: never refuse (the check is still shown and recorded).",
@@ -87,6 +95,8 @@ class TrainConfig(Settings):
     resume: bool = opt(False, "Continue from the latest checkpoint in OUT/checkpoints.")
     overwrite: bool = opt(False, "Replace an earlier run at --out (its own files only).")
     device: str | None = opt(None, "cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu).")
+    fsdp: bool = opt(False, "Under torchrun: shard the frozen base over the processes (FSDP2), each holding 1/N "
+                            "of its weights, loaded sharded; the adapter stays replicated.")
     progress: bool = opt(True, "No progress bar.", flag="--no-progress")
 
 
@@ -155,7 +165,7 @@ def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Option
     if given is not None and cfg.resume:
         raise SvdServeError("--resume continues a run from its own checkpoint, not from a given adapter set")
     method = given or get_method(cfg.method)
-    check_base_dir(cfg.base)
+    check_base_dir(resolve(cfg.base, cfg.revision).path)
     check_device(cfg.device)
     if cfg.steps is not None and cfg.epochs is not None:
         raise SvdServeError("give --steps or --epochs, not both")
@@ -173,4 +183,6 @@ def check_config(cfg: TrainConfig, given: type[Adapter] | None = None) -> Option
         raise SvdServeError(f"method {cfg.method} needs --calib-data" + (
             " with select=activation" if getattr(opts, "select", None) == "activation" else ""))
     cfg.check()  # choices and bounds
+    check_fsdp(cfg)
+    check_quantize(cfg, method, resolve(cfg.base, cfg.revision).path)
     return opts

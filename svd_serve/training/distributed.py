@@ -1,9 +1,10 @@
 """The processes of a training run: one, or data-parallel ranks under ``torchrun``.
 
-Every ``torch.distributed`` call of svd-serve is here. Each rank holds the whole frozen base and the
-adapter and takes its share of every global batch; the adapter gradients are summed across ranks in
-one all-reduce per step, so every rank makes the same update, and only rank 0 writes. With one
-process every collective is a no-op.
+Every ``torch.distributed`` call of svd-serve is here (but FSDP2's, in sharding.py). Each rank holds
+the whole frozen base (with ``--fsdp``, its shards of it: sharding.py) and the adapter and takes its
+share of every global batch; the adapter gradients are summed across ranks in one all-reduce per
+step, so every rank makes the same update, and only rank 0 writes. With one process every
+collective is a no-op.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def check_device(device: str | None) -> None:
     if dev.index is not None and dev.index >= count:
         raise SvdServeError(f"--device {device}: this machine has {count} {dev.type} device(s), "
                             f"{dev.type}:0 to {dev.type}:{count - 1}")
+
+
+def check_fsdp(cfg) -> None:
+    """``--fsdp`` (see sharding.py) needs torchrun's ranks to shard over, and a base it can shard."""
+    if not cfg.fsdp:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SvdServeError("--fsdp shards the base over the processes of a torchrun run: run it as "
+                            "`torchrun --nproc-per-node N -m svd_serve train --fsdp ...` with N >= 2")
+    if getattr(cfg, "quantize", None):
+        raise SvdServeError("--fsdp does not shard a quantized base: give --fsdp or --quantize, not both")
 
 
 @dataclass

@@ -70,6 +70,7 @@ class Health:
     tokens: int  # non-padding tokens the module statistics cover
     modules: dict[str, float]  # module -> ‖ΔW_init x‖ / ‖W x‖
     limit: float | None
+    quantized: str | None = None  # the base's quantization (--quantize), if any: its loss is the quantized base's
 
     @property
     def increase(self) -> float:
@@ -90,7 +91,8 @@ class Health:
 
     def table(self) -> str:
         limit = "off" if self.limit is None else f"{self.limit:g}"
-        lines = [f"init check on {self.rows} rows ({self.tokens} tokens): loss {self.base_loss:.4f} (base) -> "
+        base = f"{self.quantized} base" if self.quantized else "base"
+        lines = [f"init check on {self.rows} rows ({self.tokens} tokens): loss {self.base_loss:.4f} ({base}) -> "
                  f"{self.init_loss:.4f} (init), {self.increase:+.4f} nats (limit {limit})",
                  f"  {'module type':14s} {'n':>4s}  {'‖ΔW x‖/‖W x‖ mean':>18s} {'max':>9s}  worst module"]
         for kind, n, mean, worst, name in self.by_type():
@@ -101,7 +103,8 @@ class Health:
         """The ``metrics.jsonl`` record (step 0)."""
         return {"step": 0, "init_check": {
             "base_loss": self.base_loss, "init_loss": self.init_loss, "increase": self.increase,
-            "limit": self.limit, "rows": self.rows, "tokens": self.tokens, "modules": self.modules}}
+            "limit": self.limit, "rows": self.rows, "tokens": self.tokens, "modules": self.modules,
+            **({"quantized": self.quantized} if self.quantized else {})}}
 
     def error(self, options: dict) -> str:
         worst = ", ".join(f"{kind} ({_fmt(w)} of its output)" for kind, _, _, w, _ in self.by_type()[:2])
@@ -121,14 +124,15 @@ def _fmt(x: float) -> str:
 
 def check_init(model: nn.Module, adapters, examples: list[Example], pad_id: int,
                loss_sum: Callable[[dict], tuple[Tensor, Tensor]], batch_size: int, limit: float | None,
-               say: Callable[[str], None] = print, rows: int = ROWS) -> Health:
+               say: Callable[[str], None] = print, rows: int = ROWS, quantized: str | None = None) -> Health:
     """Measure the init (see the module docstring), print the table with ``say``, and raise
     :class:`SvdServeError` when the loss increase exceeds ``limit`` (None: never).
 
     ``model`` is the model as trained, with ``adapters`` attached (its target modules wrapped, any way
     whose output is ``(W + ΔW) x + b``); ``loss_sum(batch)`` is the loop's ``(Σ cross-entropy, target
     tokens)`` of a :func:`~svd_serve.dataset.collate` batch. Every rank of a multi-process run computes the
-    same result, so all of them refuse together. ``rows``: how many examples, spread over the list."""
+    same result, so all of them refuse together. ``rows``: how many examples, spread over the list;
+    ``quantized``: the base's quantization (the report says the base loss is the quantized base's)."""
     limit = parse_limit(limit)
     rows = examples[::max(1, len(examples) // rows)][:rows]
     batches = [collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
@@ -144,7 +148,7 @@ def check_init(model: nn.Module, adapters, examples: list[Example], pad_id: int,
     modules = {name: math.sqrt(d / w) if w > 0 else (0.0 if d == 0 else math.inf)
                for name, (d, w) in stats.items()}
     health = Health(adapters.config.method, base_loss, init_loss, len(rows),
-                    int(sum(int(b["attention_mask"].sum()) for b in batches)), modules, limit)
+                    int(sum(int(b["attention_mask"].sum()) for b in batches)), modules, limit, quantized)
     say(health.table())
     if health.refused:
         raise SvdServeError(health.error(adapters.config.options))
@@ -170,13 +174,14 @@ def _base_outputs(model: nn.Module, adapters):
     mask: list[Tensor] = []
     handles = []
 
-    def hook(name: str, delta, bias: Tensor | None):
+    def hook(name: str, delta, linear: nn.Module):
         def fn(module, args, out):
             x = args[0]
             with torch.autocast(x.device.type, enabled=False):  # float32 whatever the run's autocast
                 d = delta.apply(x.float())
                 wx = out.float() - d
                 base = wx.to(out.dtype)
+                bias = linear.bias  # (read in the forward: a sharded base's is gathered only there)
                 if bias is not None:
                     wx = wx - bias.float()
                 keep = mask[0].to(x.device) if mask and mask[0].shape == x.shape[:-1] else None
@@ -194,7 +199,7 @@ def _base_outputs(model: nn.Module, adapters):
             base = getattr(module, "base", module)
             delta = layer.delta()
             delta = type(delta)(delta.A.to(base.weight.device), delta.B.to(base.weight.device))
-            handles.append(module.register_forward_hook(hook(name, delta, base.bias)))
+            handles.append(module.register_forward_hook(hook(name, delta, base)))
         yield stats, mask
     finally:
         for h in handles:

@@ -23,8 +23,10 @@ from ..calib import TRAINING_ROWS, calibrate
 from ..dataset import Example
 from ..errors import SvdServeError
 from ..files import MARKER
+from ..hub import resolve
 from ..methods import Options
 from ..model import absorb_frozen, load_base, resolve_targets
+from ..weights import Weights
 from . import checkpoint
 from .attention import sdpa_attention
 from .checkpoint import TrainState
@@ -33,7 +35,9 @@ from .distributed import Processes
 from .health import Health, check_init
 from .inputs import Part, Rows, prepare_out, read_data
 from .loss import batching, loss_sum
+from .quantized import load_quantized
 from .schedule import global_batch, lr_at
+from .sharding import absorb_frozen_sharded, load_sharded, whole
 
 
 @dataclass
@@ -88,12 +92,18 @@ def start(cfg: TrainConfig, adapters: AdapterSet | None = None) -> Run:
     """Everything before the first step (see :func:`train` for ``adapters``): the checks, the data,
     the processes, the output directory, the seeds and :func:`setup`."""
     opts = check_config(cfg, adapters.method if adapters is not None else None)
+    source = resolve(cfg.base, cfg.revision)  # a Hub id: its snapshot, the local directory the run reads
+    cfg = dataclasses.replace(cfg, base=str(source.path))
     procs = Processes.start(cfg.device)
     rows = read_data(cfg, procs.say)
     resume_from = prepare_out(cfg, procs)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    return setup(cfg, procs, opts, rows, resume_from, adapters)
+    run = setup(cfg, procs, opts, rows, resume_from, adapters)
+    if adapters is None:  # the adapter records the base as given (a Hub id and the commit it was trained on)
+        run.adapters.config.base_model = source.name
+        run.adapters.config.base_revision, run.adapters.config.base_commit = source.revision, source.commit
+    return run
 
 
 def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, resume_from: Path | None,
@@ -102,7 +112,8 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
     ``adapters``, checked against this base), the optimizer, and the state to start from."""
     dtype = COMPUTE_DTYPES[cfg.dtype]
     fresh = adapters is None and resume_from is None
-    model = load_base(cfg.base, dtype)
+    model = (load_quantized(cfg.base, cfg.quantize, dtype) if cfg.quantize else
+             load_sharded(cfg.base, dtype, procs) if cfg.fsdp else load_base(cfg.base, dtype))
     adapters = _adapter_for(cfg, procs, opts, model, rows, resume_from, adapters)
     _prepare_model(cfg, procs, model, adapters, dtype)
     autocast = _autocast(procs.device, dtype)
@@ -127,11 +138,12 @@ def setup(cfg: TrainConfig, procs: Processes, opts: Options | None, rows: Rows, 
 def _adapter_for(cfg: TrainConfig, procs: Processes, opts: Options | None, model: nn.Module, rows: Rows,
                  resume_from: Path | None, adapters: AdapterSet | None) -> AdapterSet:
     """The given ``adapters`` (checked against this base), the checkpoint's, or a fresh one."""
+    base = Weights(cfg.base) if cfg.quantize else whole(model)  # a quantized (sharded) model: against its files
     if adapters is not None:
-        adapters.check_base(model)
+        adapters.check_base(base)
         return adapters
     if resume_from is not None:
-        return resume_adapter(cfg, model, resume_from)
+        return resume_adapter(cfg, base, resume_from)
     return new_adapter(cfg, opts, model, rows.tokenizer, rows, progress=cfg.progress and procs.master)
 
 
@@ -140,9 +152,9 @@ def _prepare_model(cfg: TrainConfig, procs: Processes, model: nn.Module, adapter
     """Attach the adapter to the frozen base and move it to the device, with padding-free attention."""
     model.requires_grad_(False)
     adapters.attach(model)  # adapter parameters are the only trainable tensors; frozen ones are buffers
-    if cfg.absorb_frozen:
-        absorb_frozen(model)
-    model.to(procs.device)
+    if cfg.absorb_frozen and not cfg.quantize:  # (a quantized weight cannot absorb them)
+        absorb_frozen_sharded(model, procs) if cfg.fsdp else absorb_frozen(model)
+    (adapters if cfg.fsdp else model).to(procs.device)  # (a sharded base is on it already)
     # padding-free rows; bfloat16 attention backward is the slower one on CPUs
     sdpa_attention(model, float32=dtype == torch.bfloat16 and procs.device.type == "cpu")
     model.config.use_cache = False
@@ -187,7 +199,7 @@ def _check_fresh_adapter(cfg: TrainConfig, procs: Processes, model: nn.Module, a
     """:func:`check_init` on the evaluation rows (else the first part's)."""
     return check_init(model, adapters, rows.evals or rows.parts[0].examples, pad_id,
                       functools.partial(loss_sum, model, device=procs.device, autocast=autocast),
-                      cfg.batch_size, cfg.max_init_loss_increase, procs.say)
+                      cfg.batch_size, cfg.max_init_loss_increase, procs.say, quantized=cfg.quantize)
 
 
 def _start_records(out: Path, state: TrainState, health: Health | None) -> None:
@@ -211,11 +223,12 @@ def new_adapter(cfg: TrainConfig, opts: Options, model: nn.Module, tokenizer, ro
     def calibration(statistic: str):
         return calibrate(statistic, model, targets, calib_rows, tokenizer, cfg.max_length, reference=rows.retain)
 
-    return AdapterSet.fresh(model, cfg.method, opts, targets, cfg.targets, calibration if calib_rows else None,
-                            base_model=str(cfg.base), progress=progress)
+    return AdapterSet.fresh(whole(model), cfg.method, opts, targets, cfg.targets, calibration if calib_rows else None,
+                            base_model=str(cfg.base), progress=progress,
+                            source=Weights(cfg.base) if cfg.quantize else None)  # the init reads W itself
 
 
-def resume_adapter(cfg: TrainConfig, model: nn.Module, path: Path) -> AdapterSet:
+def resume_adapter(cfg: TrainConfig, model: nn.Module | Weights, path: Path) -> AdapterSet:
     adapters = AdapterSet.load(path, model)
     if adapters.config.method != cfg.method:
         raise SvdServeError(f"--resume: the checkpoint trains {adapters.config.method}, not {cfg.method}")
