@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -79,6 +80,25 @@ def _converted_state(path: Path, dtype: torch.dtype | str) -> dict[str, Tensor] 
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         del tensor
     return state
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """While active, every parameter a module registers lives on the ``meta`` device (buffers such as
+    rotary frequencies are made as usual): a model built so has its structure and buffers, no
+    weights. Loaders that fill the weights one tensor at a time (``--quantize``, ``--fsdp``) build so."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def load_tokenizer(path: str | Path):

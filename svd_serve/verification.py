@@ -145,12 +145,10 @@ def check_fingerprint(model: torch.nn.Module, modules: list[str] | None, recorde
                             f"from {fp} of {base}")
 
 
-def prepare(base: str | Path, factors: dict[str, dict[str, LowRank]],
-            fingerprints: list[tuple[str, str | None, list[str] | None]], options: VerifyOptions,
-            ) -> tuple[torch.nn.Module, list[list[int]], Runs]:
-    """Load the base (float32), check it against every recorded fingerprint ``(what, fingerprint,
-    modules)``, tokenize the prompts and run the reference: the base alone and with each adapter's
-    ``factors``. Returns ``(model, prompt ids, reference runs)``."""
+def checked_base(base: str | Path, fingerprints: list[tuple[str, str | None, list[str] | None]],
+                 prompts: list[str]) -> tuple[torch.nn.Module, list[list[int]]]:
+    """The base loaded in float32 and checked against every recorded fingerprint ``(what,
+    fingerprint, modules)``, and the token ids of ``prompts``: what every reference starts from."""
     from transformers import AutoTokenizer
 
     model = load_base(base)
@@ -160,7 +158,16 @@ def prepare(base: str | Path, factors: dict[str, dict[str, LowRank]],
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
         raise SvdServeError(f"cannot load the tokenizer of {base}: {str(e).splitlines()[0]}") from None
-    ids = [tokenizer(p)["input_ids"] for p in options.prompts]
+    return model, [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def prepare(base: str | Path, factors: dict[str, dict[str, LowRank]],
+            fingerprints: list[tuple[str, str | None, list[str] | None]], options: VerifyOptions,
+            ) -> tuple[torch.nn.Module, list[list[int]], Runs]:
+    """Load the base (float32), check it against every recorded fingerprint ``(what, fingerprint,
+    modules)``, tokenize the prompts and run the reference: the base alone and with each adapter's
+    ``factors``. Returns ``(model, prompt ids, reference runs)``."""
+    model, ids = checked_base(base, fingerprints, options.prompts)
     ref: Runs = {BASE: [greedy(model, i, options.max_new_tokens) for i in ids]}
     for name, deltas in factors.items():
         attach(model, {m: LowRankDelta(f.A, f.B) for m, f in deltas.items()})

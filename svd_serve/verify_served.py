@@ -39,7 +39,7 @@ import torch
 
 from .errors import SvdServeError
 from .linalg import LowRank
-from .verification import BASE, Verification, VerifyOptions, check_fingerprint, engine
+from .verification import BASE, Verification, VerifyOptions, checked_base, engine, greedy
 
 # Exactness against the dequantized served base + written factors (HF float32). vLLM 0.32 on the CPU
 # runs the W4A16 kernel in bfloat16 only. Measured on SmolLM2-135M W4A16 (2 prompts x 4 positions):
@@ -169,19 +169,9 @@ def reference(base: Path, deltas: dict[str, dict[str, LowRank]], fingerprints: l
     tokens (the contexts), and the distributions of that row's model and of the base on them.
     Returns ``(prompt ids, {row: [tokens per prompt]}, {row: {"model": [...], "base": [...]}})``, and
     the model's vocabulary size."""
-    from transformers import AutoTokenizer
+    from .model import LowRankDelta, attach, detach
 
-    from .model import LowRankDelta, attach, detach, load_base
-    from .verification import greedy
-
-    model = load_base(base)
-    for what, recorded, modules in fingerprints:
-        check_fingerprint(model, modules, recorded, what, base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as e:
-        raise SvdServeError(f"cannot load the tokenizer of {base}: {str(e).splitlines()[0]}") from None
-    ids = [tokenizer(p)["input_ids"] for p in options.prompts]
+    model, ids = checked_base(base, fingerprints, options.prompts)
     tokens, dists = {}, {}
     for row in [BASE, *deltas]:
         if row != BASE:

@@ -22,7 +22,6 @@ the full-precision weights: with ``--quantize`` it would save nothing, and is re
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import SvdServeError
+from ..model import parameters_on_meta
 from ..weights import Weights
 
 QUANTIZE = ("nf4", "fp4", "int8")
@@ -80,24 +80,6 @@ def check_quantize(cfg, method, base: Path) -> None:
     bitsandbytes()
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory) and their buffers
-    (rotary frequencies, ...) computed as usual."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 @functools.cache
 def _int8_linear(bnb) -> type:
     class Int8Linear(bnb.nn.Linear8bitLt):
@@ -120,7 +102,7 @@ def _int8_linear(bnb) -> type:
 def _quantized_linear(bnb, linear: nn.Linear, weight: torch.Tensor, quant: str, dtype: torch.dtype) -> nn.Module:
     """``linear`` (a meta module) as a bitsandbytes layer holding ``weight`` quantized (on the CPU)."""
     bias = linear.bias is not None
-    with _parameters_on_meta():
+    with parameters_on_meta():
         if quant == "int8":
             layer = _int8_linear(bnb)(linear.in_features, linear.out_features, bias=bias,
                                         has_fp16_weights=False, threshold=INT8_THRESHOLD)
@@ -157,7 +139,7 @@ def load_quantized(path: str | Path, quant: str, dtype: torch.dtype) -> nn.Modul
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError) as e:
         raise SvdServeError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = cls(config)
     head = model.get_output_embeddings()
     tied = set()

@@ -17,13 +17,11 @@ every rank from the same bytes, so every rank starts from the same adapter as a 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
 from ..errors import SvdServeError
-from ..model import AbsorbedLinear, AdaptedLinear, check_base_dir, set_module
+from ..model import AbsorbedLinear, AdaptedLinear, check_base_dir, parameters_on_meta, set_module
 from ..weights import Weights, return_freed_memory
 from .distributed import Processes
 
@@ -64,31 +62,13 @@ def load_sharded(path, dtype: torch.dtype, procs: Processes) -> nn.Module:
     return model.eval()
 
 
-@contextmanager
-def _parameters_on_meta():
-    """While active, every parameter a module registers lives on the ``meta`` device (buffers and
-    everything else are made as usual): a model built so has its structure and buffers, no weights."""
-    register = nn.Module.register_parameter
-
-    def on_meta(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(self, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _build_with_meta_parameters(ckpt: Weights, dtype: torch.dtype) -> nn.Module:
     """``ckpt``'s causal LM, its parameters on ``meta``: built as ``from_pretrained`` builds it
     (``dtype``, the default attention), its buffers real."""
     from transformers import AutoModelForCausalLM
 
     try:
-        with _parameters_on_meta():
+        with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(ckpt.config, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise SvdServeError(f"cannot build {ckpt.path} as a causal LM: {str(e).splitlines()[0]}") from None
